@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: turn astrea's expected errors into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AstreaError(Exception):
+    """An error with a message meant for the user (what went wrong and how to fix it)."""
+
+
+def user_errors(fn: F) -> F:
+    """Print known user-facing errors as `error: ...` (no traceback) and exit 2."""
+    from astrea.registry import UnknownNameError
+    from astrea.schemas import SpecError
+
+    known: tuple[type[BaseException], ...] = (AstreaError, UnknownNameError, SpecError, FileNotFoundError)
+    try:
+        from astrea.extract.experts.base import BadImageError, WeightsUnavailableError
+
+        known += (WeightsUnavailableError, BadImageError)
+    except Exception:  # pragma: no cover - experts package broken: still report others
+        pass
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except known as e:
+            msg = e.args[0] if e.args else str(e)
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                typer.echo(
+                    f"error: no space left on device ({e.filename or 'store'}). Nothing committed was lost; "
+                    "free space (or point --store at a larger disk) and rerun: finished units are skipped.",
+                    err=True,
+                )
+                raise typer.Exit(2) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]

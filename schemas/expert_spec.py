@@ -1,0 +1,123 @@
+"""The expert spec: everything that determines the bytes an expert writes into the store.
+
+The fingerprint is a hash of the spec's *hashed* fields. Same spec -> same directory
+(``STORE/DATASET/EXPERT@FINGERPRINT``) -> finished units are reused by every experiment; a spec that
+differs in anything that changes the features (weights, preprocessing, grid, dtype, prompts, format)
+gets its own directory, so caches never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+FORMATS = ("zarr", "wds")
+
+
+class SpecError(ValueError):
+    """An expert spec that is malformed, or that does not match the directory it was found in."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    expert: str  # registry name: siglip | ram_plus | grounding_dino | sam2
+    arch: str  # architecture variant, e.g. "sam2.hiera_tiny"; weights are named apart
+    weights: str  # "random" | hub id | local path, as the user gave it
+    weights_sha256: str  # hash of the loaded state dict (random init included), see extract.experts.base
+    preprocessing: dict[str, Any]  # exact resize / normalisation / padding, enough to reproduce it
+    grid: int  # tokens are resampled to grid x grid
+    token_dim: int
+    pooled_dim: int
+    dtype: str = "float16"  # storage dtype of tokens and pooled
+    format: str = "zarr"  # unit container, see astrea.shards
+    seed: int = 0  # init seed when weights == "random"
+    config: dict[str, Any] = field(default_factory=dict)  # anything else that changes outputs
+    prerequisites: dict[str, str] = field(default_factory=dict)  # expert name -> fingerprint it read
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise SpecError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
+        if self.format not in FORMATS:
+            raise SpecError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
+        if self.grid < 1:
+            raise SpecError(f"grid={self.grid} must be >= 1")
+        if "@" in self.expert or "/" in self.expert:
+            raise SpecError(f"expert={self.expert!r} must not contain '@' or '/'")
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights == "random"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+    def hashed_fields(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        # Where the weights came from does not change the features; their hash does.
+        d.pop("weights")
+        if not self.random_weights:
+            d.pop("seed")
+        d["random_weights"] = self.random_weights
+        return d
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(canonical_json(self.hashed_fields()).encode()).hexdigest()[:12]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.expert}@{self.fingerprint()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fingerprint"] = self.fingerprint()
+        d["random_weights"] = self.random_weights
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "expert spec") -> "ExpertSpec":
+        d = dict(d)
+        stored_fp = d.pop("fingerprint", None)
+        d.pop("random_weights", None)
+        d.pop("created_by", None)
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SpecError(
+                f"{source}: written with schema version {version}, this astrea reads version "
+                f"{SCHEMA_VERSION}; use a matching astrea release or re-extract into a new store"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"{source}: unknown fields {unknown}")
+        try:
+            spec = cls(**d)
+        except TypeError as e:
+            raise SpecError(f"{source}: {e}") from None
+        if stored_fp is not None and stored_fp != spec.fingerprint():
+            raise SpecError(
+                f"{source}: stored fingerprint {stored_fp} does not match its content "
+                f"({spec.fingerprint()}); the file was edited or corrupted"
+            )
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "expert spec") -> "ExpertSpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=source)
