@@ -5,7 +5,8 @@ Command table (module -> commands):
   experts  astrea experts ls                astrea.extract.experts
   extract  astrea extract                   astrea.extract.run
   shards   astrea shards ls|info|verify     astrea.shards
-  train    astrea train|eval|report|sweep   astrea.train
+  train    astrea train                     astrea.train
+  analysis astrea eval|report|sweep        astrea.train
   demo     astrea demo                      astrea.demo
 """
 
@@ -28,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("data", "experts", "extract", "shards", "train", "demo")
+_COMMAND_MODULES = ("data", "experts", "extract", "shards", "train", "analysis", "demo")
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"astrea.cli.{_name}").register(app)
 

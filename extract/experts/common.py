@@ -1,0 +1,95 @@
+"""Blocks every expert shares: safe image decoding and resampling token maps to the common grid."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from astrea.extract.experts.base import BadImageError
+
+# Decompression-bomb limit: an image above this many pixels is refused per key instead of
+# exhausting a worker's memory (PIL's own default warns at 89M and errors at 179M).
+MAX_PIXELS = 64_000_000
+MIN_SIDE = 2
+MAX_ASPECT = 50.0
+
+
+def decode_image(data: bytes | None, *, max_pixels: int = MAX_PIXELS):
+    """Bytes -> RGB ``PIL.Image``, or :class:`BadImageError` with a short, stable reason.
+
+    Converts grayscale, palette, CMYK, 16-bit and alpha images to 8-bit RGB (alpha composited on
+    white, as a viewer would show it) and refuses empty, truncated, tiny, extreme-aspect and huge ones.
+    """
+    from PIL import Image, ImageFile
+
+    if data is None:
+        raise BadImageError("missing image")
+    if len(data) == 0:
+        raise BadImageError("empty file")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(f"too large: {w}x{h} pixels > limit {max_pixels}")
+            img.load()
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadImageError("too large: decompression bomb limit") from None
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise BadImageError(f"undecodable: {type(e).__name__}: {str(e)[:120]}") from None
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        raise BadImageError(f"too small: {w}x{h}")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise BadImageError(f"extreme aspect ratio: {w}x{h}")
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+        img = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min()), float(arr.max())
+        img = Image.fromarray(((arr - lo) / ((hi - lo) or 1.0) * 255.0).round().astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def resample_grid(tokens, h: int, w: int, grid: int):
+    """Token map [B, h*w, D] (row-major) -> [B, grid*grid, D].
+
+    Area-averaging when shrinking (no aliasing: each output token summarises the patch it covers,
+    like LLaVA-style pooling), bilinear when growing. Identity when the map already is grid x grid.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, n, d = tokens.shape
+    if n != h * w:
+        raise ValueError(f"token map has {n} tokens, expected {h}x{w}={h * w}")
+    if h == grid and w == grid:
+        return tokens
+    x = tokens.transpose(1, 2).reshape(b, d, h, w)
+    if h >= grid and w >= grid:
+        x = F.adaptive_avg_pool2d(x.float(), grid)
+    else:
+        x = F.interpolate(x.float(), size=(grid, grid), mode="bilinear", align_corners=False)
+    return x.to(tokens.dtype).flatten(2).transpose(1, 2).contiguous()
