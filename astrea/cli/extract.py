@@ -1,9 +1,95 @@
-"""CLI for 'extract' (thin: parse, then call the package's run functions)."""
+"""CLI for 'extract' (thin: parse, then call astrea.extract.run)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from astrea.cli._common import AstreaError, user_errors
+
+HELP = """Run frozen experts over an image source into the feature store (a Ray job).
+
+Examples:\n
+  astrea extract --expert sam2 --data laion\n
+  astrea extract --expert all --data sample --weights random --small\n
+  astrea extract --expert sam2 --arch sam2=sam2.hiera_tiny --weights sam2=/ckpt/sam2.1_hiera_tiny.pt --data laion\n
+  astrea extract --expert siglip --data /data/cc3m --address ray://head:10001 --workers 8
+
+Each source shard becomes one store unit, committed atomically. Units already committed with the same
+expert spec (fingerprint) are skipped, so rerunning a finished job does nothing and rerunning a killed
+job does only what is missing. Images that cannot be used are recorded per key with a reason; the exit
+code is 0 when the job ran (failures counted), non-zero only when it could not run.
+"""
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("extract", help=HELP, no_args_is_help=True)(extract)
+
+
+@user_errors
+def extract(
+    expert: list[str] = typer.Option(..., "--expert", "-e", help="Expert to run: siglip, ram_plus, grounding_dino, sam2, or all (repeatable; run in stage order)."),
+    data: str = typer.Option(..., "--data", "-d", help="Image source: a catalog name (astrea data ls), or a path (img2dataset WebDataset dir, image folder)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Feature store directory [default: config 'store', else ./store]."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name inside the store [default: the source's name]."),
+    source_format: Optional[str] = typer.Option(None, "--source-format", help="Source format when it cannot be detected (see astrea data)."),
+    arch: list[str] = typer.Option([], "--arch", help="Architecture variant, EXPERT=VARIANT or VARIANT for all (see astrea experts ls)."),
+    weights: list[str] = typer.Option([], "--weights", "-w", help="random | hub id | local path; EXPERT=... for one expert [default: the variant's hub id; random for --small]."),
+    small: bool = typer.Option(False, "--small", help="Each expert's small test/demo variant (random weights; fast on CPU)."),
+    option: list[str] = typer.Option([], "--option", help="Expert-specific setting EXPERT.KEY=VALUE (JSON value), e.g. grounding_dino.box_threshold=0.3."),
+    fmt: str = typer.Option("zarr", "--format", help="Unit format: zarr | wds."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of tokens and pooled: float16 | bfloat16 | float32."),
+    grid: int = typer.Option(24, "--grid", help="Tokens are resampled to GRID x GRID (24 -> 576 tokens)."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
+    seed: int = typer.Option(0, "--seed", help="Init seed for random weights."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda when the actors hold GPUs)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Images per forward pass on an inference actor."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Inference actors [default: one per GPU of the cluster, 1 without GPUs]."),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per inference actor [default: 1 if the cluster has GPUs, else 0]."),
+    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="CPUs per decode/preprocess task."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per inference actor (its torch threads on CPU)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto, ray://host:10001) [default: start a local one for the job]."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray cluster [default: all]."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Whole shards, in order, until they hold at least this many images (a unit is never partial)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Subset of source shards: names and inclusive ranges, e.g. 00000,00003-00005."),
+    prerequisite: list[str] = typer.Option([], "--prerequisite", help="Which stored outputs prompt a dependent expert, e.g. ram_plus@1a2b3c4d5e6f [default: this run's, else the store's only one]."),
+    without_prerequisites: bool = typer.Option(False, "--without-prerequisites", help="Run grounding_dino / sam2 on their fallback prompts (default vocabulary / point grid) instead of stored tags / boxes."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    report_json: Optional[Path] = typer.Option(None, "--report", help="Also write the job report (JSON) here."),
+) -> None:
+    from astrea.extract import ExtractConfig, ExtractConfigError, ExtractError, format_summary, run
+    from astrea.extract.config import parse_keyed, parse_options
+
+    try:
+        names = ExtractConfig(experts=list(expert), data=data).expert_names()
+        prereqs: dict[str, str] = {}
+        for p in prerequisite:
+            name = p.split("@", 1)[0]
+            if name in prereqs:
+                raise ExtractConfigError(f"--prerequisite: given twice for {name!r}")
+            prereqs[name] = p
+        cfg = ExtractConfig(
+            experts=names, data=data, store=str(store) if store else None, dataset=dataset,
+            source_format=source_format, arch=parse_keyed(arch, field_name="--arch", experts=names),
+            weights=parse_keyed(weights, field_name="--weights", experts=names),
+            options=parse_options(option, experts=names), small=small, format=fmt, dtype=dtype, grid=grid,
+            compute_dtype=compute_dtype, seed=seed, device=device, batch_size=batch_size, workers=workers,
+            num_gpus=num_gpus, cpus_per_task=cpus_per_task, cpus_per_worker=cpus_per_worker, address=address,
+            num_cpus=num_cpus, limit=limit, shards=shards, prerequisites=prereqs,
+            without_prerequisites=without_prerequisites, progress=not no_progress,
+        )
+        report = run(cfg)
+    except (ExtractConfigError, ExtractError) as e:
+        raise AstreaError(e.args[0] if e.args else str(e)) from None
+    typer.echo(format_summary(report))
+    if report_json is not None:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if report["status"] == "incomplete":
+        # Some unit could not be written (e.g. an unreadable source shard): the job ran but is not
+        # done; a rerun retries exactly those units.
+        typer.echo("warning: some units were not written (listed above); rerun to retry them", err=True)
+        raise typer.Exit(1)

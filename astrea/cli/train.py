@@ -1,9 +1,120 @@
-"""CLI for 'train' (thin: parse, then call the package's run functions)."""
+"""CLI for 'train' (thin: parse, then call astrea.train.run)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from astrea.cli._common import user_errors
+
+HELP = """Train Astrea's light parts against an LLM by streaming the feature store (never runs an expert).
+
+Examples:\n
+  astrea train --from-shards ./store --data sample --out runs/pre --llm tiny-random --steps 50\n
+  astrea train --from-shards ./store --data laion --out runs/pre --stages caption,classification\n
+  astrea train --config train.yaml --set optim.lr=2e-4 --set residual.reading=attn\n
+  astrea train --from-shards ./store --data laion --out runs/pre --resume\n
+  torchrun --nproc-per-node 8 -m astrea.train --config train.yaml     (or --workers 8 [--address ...])
+
+Stages run in the order given (default: caption,classification,detection,segmentation, then main when
+installed; 'all' trains every remaining pre-alignment expert at once, e.g. --stages caption,all).
+A config file (YAML/TOML) sets any field; flags override it; the resolved config is saved as RUN/config.yaml.
+"""
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("train", help=HELP, no_args_is_help=True)(train)
+
+
+@user_errors
+def train(
+    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store directory [default: config file, else ASTREA_HOME config 'store']."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset name inside the store."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, summary)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file with TrainConfig fields."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stage order, e.g. caption,classification or caption,all."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per stage."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per micro-batch per process."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [1e-4]."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM: hub id, local directory, or tiny-random (random weights, tests/demo)."),
+    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters on the LLM (peft)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its latest checkpoint (exactly where it stopped)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: stage ends only)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (data parallel)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --workers (auto, ray://host:10001)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for shuffling, init and residual draws."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    set_: list[str] = typer.Option([], "--set", help="Any config field, dotted: --set residual.p=0.3 --set stage_experts.caption=clip."),
+) -> None:
+    from astrea.train import run
+    from astrea.train.config import TrainConfig
+    from astrea.train.errors import TrainError
+
+    overrides: dict[str, object] = {
+        "store": str(from_shards) if from_shards else None,
+        "data": data,
+        "out": str(out) if out else None,
+        "stages": stages,
+        "steps": steps,
+        "batch_size": batch_size,
+        "optim.grad_accum": grad_accum,
+        "optim.lr": lr,
+        "llm.name": llm,
+        "llm.lora": lora,
+        "device": device,
+        "resume": True if resume else None,
+        "save_every": save_every,
+        "workers": workers,
+        "address": address,
+        "seed": seed,
+        "progress": False if no_progress else None,
+    }
+    for item in set_:
+        if "=" not in item:
+            raise TrainError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set optim.lr=2e-4")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value)
+    cfg = TrainConfig.load(config, overrides)
+    if not cfg.store:
+        from astrea.config import default_store
+
+        cfg.store = str(default_store())
+    summary = run(cfg)
+    typer.echo(format_summary(summary))
+
+
+def _parse_value(text: str) -> object:
+    """YAML scalars/lists/maps from --set (``0.3``, ``true``, ``[a, b]``); plain text otherwise."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def format_summary(summary: dict) -> str:
+    if not summary:
+        return "training finished (no summary: see the workers' logs)"
+    llm = summary["llm"]
+    rnd = " (RANDOM WEIGHTS: outputs are meaningless)" if llm.get("random_weights") else ""
+    lines = [f"run {summary['run']}: LLM {llm['source']}{rnd}, {summary['world_size']} process(es)"]
+    if any(summary.get("experts_random_weights", {}).values()):
+        lines.append("experts with RANDOM WEIGHTS: " + ", ".join(n for n, r in summary["experts_random_weights"].items() if r))
+    lines.append(f"{'stage':<15}{'steps':>6}{'held-out L_reg before':>23}{'after':>9}{'samples/s':>11}{'data wait':>11}")
+    for s in summary["stages"]:
+        def f(v: object, fmt: str) -> str:
+            return format(v, fmt) if isinstance(v, int | float) else "-"
+
+        lines.append(
+            f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(s['heldout_after'], '.4f'):>9}"
+            f"{f(s['samples_per_s'], '.1f'):>11}{f(s['data_wait_fraction'], '.1%'):>11}"
+        )
+    drops = summary.get("target_render_drops") or {}
+    if drops:
+        lines.append("expert outputs dropped from targets: " + ", ".join(f"{k} x{v}" for k, v in drops.items()))
+    return "\n".join(lines)

@@ -93,3 +93,33 @@ def resample_grid(tokens, h: int, w: int, grid: int):
     else:
         x = F.interpolate(x.float(), size=(grid, grid), mode="bilinear", align_corners=False)
     return x.to(tokens.dtype).flatten(2).transpose(1, 2).contiguous()
+
+
+def storage_error(x, dtype: str) -> dict[str, float]:
+    """What storing float32 features as ``dtype`` costs: round-trip ``x -> dtype -> float32``.
+
+    Returns ``max_abs`` (largest absolute error), ``max_rel`` (largest error relative to the element,
+    over elements whose magnitude is in the format's normal range, where the bound is 2**-11 for
+    float16 and 2**-8 for bfloat16), ``rel_to_max`` (``max_abs / max|x|``) and ``nonfinite`` (elements
+    that overflow to inf/nan, e.g. |x| > 65504 in float16). The extraction job records these per unit.
+    """
+    import torch
+
+    a = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype={dtype!r} is not a storage dtype (float16 | bfloat16 | float32)")
+    b = a.to(getattr(torch, dtype)).float()
+    finite = torch.isfinite(b)
+    nonfinite = int((~finite & torch.isfinite(a)).sum())
+    err = (a - b).abs()[finite]
+    mag = a.abs()[finite]
+    tiny = torch.finfo(getattr(torch, dtype)).tiny
+    normal = mag >= tiny
+    amax = float(a.abs().max()) if a.numel() else 0.0
+    max_abs = float(err.max()) if err.numel() else 0.0
+    return {
+        "max_abs": max_abs,
+        "max_rel": float((err[normal] / mag[normal]).max()) if bool(normal.any()) else 0.0,
+        "rel_to_max": max_abs / amax if amax > 0 else 0.0,
+        "nonfinite": nonfinite,
+    }

@@ -1,0 +1,75 @@
+"""Schemas of what the store writes next to each unit: the per-key index (parquet) and the stats file.
+
+A unit ``NNNNN`` of an expert directory is three things:
+
+- the data, ``NNNNN.zarr`` (Zarr v3 group) or ``NNNNN.tar`` (WebDataset tar), holding only the keys that
+  succeeded, in source order;
+- the index, ``NNNNN.parquet``: one row per source key *in source order*, failed ones included;
+- the stats, ``NNNNN_stats.json``: counts, failures by reason, bytes; written last, its presence is the
+  commit marker.
+
+The row checksum is format-independent so ``verify`` can recompute it from whatever the reader gives
+back: ``sha256(tokens_bytes + pooled_bytes + outputs_json_bytes)``, where the array bytes are the
+C-order little-endian bytes *in the storage representation* (float16, float32, or uint16 bit patterns
+for bfloat16) and the outputs bytes are the exact UTF-8 JSON text stored for that key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+UNIT_SCHEMA_VERSION = 1
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+# Parquet columns, in order. `index` is the row in the unit's arrays; null for failed keys, which are
+# not in the arrays at all (a reader can never mistake a hole for zeros).
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("labels", pa.string()),  # JSON object as text
+        pa.field("index", pa.int64()),
+        pa.field("tokens_shape", pa.list_(pa.int32())),
+        pa.field("pooled_shape", pa.list_(pa.int32())),
+        pa.field("checksum", pa.string()),  # hex sha256, see module docstring
+    ],
+    metadata={"astrea.unit_schema_version": str(UNIT_SCHEMA_VERSION)},
+)
+
+# Keys every stats file carries (``extra`` holds whatever the writer's caller added, e.g. timings).
+STATS_KEYS = (
+    "schema_version", "unit", "expert", "fingerprint", "format", "dtype", "images", "ok", "failed",
+    "failures_by_reason", "nonfinite_rows", "data_bytes", "index_bytes", "bytes", "bytes_per_image",
+    "index_sha256", "created_by", "extra",
+)
+
+
+def row_checksum(tokens_stored: np.ndarray, pooled_stored: np.ndarray, outputs_json: str) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(tokens_stored).astype(tokens_stored.dtype.newbyteorder("<"), copy=False).tobytes())
+    h.update(np.ascontiguousarray(pooled_stored).astype(pooled_stored.dtype.newbyteorder("<"), copy=False).tobytes())
+    h.update(outputs_json.encode("utf-8"))
+    return h.hexdigest()
+
+
+def failure_kind(reason: str) -> str:
+    """'undecodable: UnidentifiedImageError: ...' -> 'undecodable' (stats group failures by kind)."""
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def outputs_to_json(outputs: Any) -> str:
+    """The exact text stored for a key's outputs (compact, key-sorted, strict: no NaN/inf)."""
+    try:
+        return json.dumps(outputs if outputs is not None else {}, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"outputs are not strict JSON ({e}); convert arrays to lists and drop NaN/inf") from None

@@ -1,0 +1,64 @@
+"""Storage dtypes. numpy has no bfloat16, so bfloat16 is stored as its raw 16-bit patterns (uint16).
+
+bfloat16 is the top half of an IEEE float32, so conversion needs no library:
+``stored = round_to_nearest_even(f32.view(uint32) >> 16)`` and back ``(stored.astype(uint32) << 16).view(float32)``
+(exact). Readers give back the storage dtype for float16/float32 and float32 for bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_NUMPY = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of the stored arrays (uint16 bit patterns for bfloat16)."""
+    return _NUMPY[dtype]
+
+
+def read_dtype(dtype: str) -> np.dtype:
+    """What readers hand back for a storage dtype."""
+    return np.dtype("float32") if dtype == "bfloat16" else _NUMPY[dtype].newbyteorder("=")
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """numpy array from numpy or torch input (torch bfloat16 is widened: numpy cannot hold it)."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if not x.dtype.is_floating_point or x.dtype.itemsize < 4:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def to_storage(x: Any, dtype: str) -> np.ndarray:
+    a = as_numpy(x)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"expected a numeric array, got dtype {a.dtype}")
+    if dtype == "bfloat16":
+        if a.dtype == np.dtype("<u2"):
+            raise ValueError("got uint16 for a bfloat16 store: pass float values, the writer rounds them")
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        nan = np.isnan(bits.view(np.float32))
+        # round to nearest, ties to even, on the discarded low 16 bits
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        out = rounded.astype("<u2")
+        if nan.any():
+            out[nan] = 0x7FC0  # a quiet NaN, whatever the payload was
+        return out
+    return np.ascontiguousarray(a, dtype=_NUMPY[dtype])
+
+
+def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (np.asarray(a, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+    return np.asarray(a, dtype=read_dtype(dtype))
+
+
+def nonfinite_in_storage(a: np.ndarray, dtype: str) -> bool:
+    """True when the stored values hold inf/NaN (e.g. float16 overflow of values above 65504)."""
+    vals = from_storage(a, dtype) if dtype == "bfloat16" else a
+    return not bool(np.isfinite(vals).all())

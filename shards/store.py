@@ -1,0 +1,334 @@
+"""The store: ``STORE/DATASET/EXPERT@FINGERPRINT/`` directories of immutable units.
+
+```
+STORE/DATASET/EXPERT@FINGERPRINT/expert.json        the full ExpertSpec + created_by
+STORE/DATASET/EXPERT@FINGERPRINT/NNNNN.zarr|.tar    data: ok keys only, source order
+STORE/DATASET/EXPERT@FINGERPRINT/NNNNN.parquet      index: one row per key, failed ones included
+STORE/DATASET/EXPERT@FINGERPRINT/NNNNN_stats.json   written last: present <=> committed
+```
+Same spec -> same fingerprint -> same directory, so every experiment reuses finished units; a spec that
+differs in anything that changes the features gets its own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from astrea.registry import UnknownNameError
+from astrea.schemas.expert_spec import ExpertSpec, SpecError
+from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION
+from astrea.shards import fsutil
+from astrea.shards.dtypes import from_storage
+from astrea.shards.errors import StoreError, UnitCommittedError
+from astrea.shards.formats import get_format
+from astrea.shards.writer import UnitWriter, created_by
+
+SPEC_FILE = "expert.json"
+STATS_SUFFIX = "_stats.json"
+INDEX_SUFFIX = ".parquet"
+STALE_AFTER_S = 6 * 3600  # a temp file from another host is assumed dead after this long
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_OK.match(name):
+        raise StoreError(f"{kind} name {name!r} is not valid: use letters, digits, '_' and '-' "
+                         "(it becomes a file name in the store)")
+    return name
+
+
+@dataclass
+class Record:
+    """One key of one unit. Failed keys have ``status='failed'``, ``error`` set and no arrays."""
+
+    key: str
+    status: str
+    tokens: np.ndarray | None
+    pooled: np.ndarray | None
+    outputs: dict[str, Any] | None
+    caption: str | None
+    labels: dict[str, Any] | None
+    error: str | None
+    unit: str = ""
+    index: int | None = None
+
+
+class ExpertDir:
+    """One expert's features for one dataset: ``STORE/DATASET/EXPERT@FINGERPRINT``."""
+
+    def __init__(self, path: Path, spec: ExpertSpec, dataset: str):
+        self.path, self.spec, self.dataset = Path(path), spec, dataset
+
+    # -- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, expect: ExpertSpec | None = None) -> ExpertDir:
+        """Open an existing directory, validating its expert.json (schema version, fingerprint, name)."""
+        path = Path(path)
+        spec_path = path / SPEC_FILE
+        if not spec_path.is_file():
+            raise StoreError(f"{spec_path}: missing; {path} is not an expert directory of an astrea store "
+                             "(or its writer crashed before writing the spec: delete the directory)")
+        spec = ExpertSpec.from_json(spec_path.read_text(), source=str(spec_path))
+        if path.name != spec.dirname:
+            raise SpecError(f"{spec_path}: the directory is named {path.name!r} but its spec hashes to "
+                            f"{spec.dirname!r}; the directory was renamed or the spec edited. Nothing was "
+                            "changed; move it back or re-extract")
+        if expect is not None and expect.hashed_fields() != spec.hashed_fields():
+            a, b = expect.hashed_fields(), spec.hashed_fields()
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise SpecError(f"{spec_path}: does not match the spec being written (fields differ: {diff}); "
+                            "nothing was overwritten")
+        return cls(path, spec, path.parent.name)
+
+    # -- names ------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def expert(self) -> str:
+        return self.spec.expert
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint()
+
+    def data_path(self, unit: str) -> Path:
+        return self.path / f"{unit}{get_format(self.spec.format).suffix}"
+
+    def index_path(self, unit: str) -> Path:
+        return self.path / f"{unit}{INDEX_SUFFIX}"
+
+    def stats_path(self, unit: str) -> Path:
+        return self.path / f"{unit}{STATS_SUFFIX}"
+
+    def __repr__(self) -> str:
+        return f"ExpertDir({str(self.path)!r})"
+
+    # -- units ------------------------------------------------------------------------------------
+    def units(self) -> list[str]:
+        """Every unit with any final-named file (committed or not), sorted."""
+        suffix = get_format(self.spec.format).suffix
+        found = set()
+        for p in self.path.iterdir():
+            n = p.name
+            if n.startswith("."):
+                continue
+            for s in (STATS_SUFFIX, INDEX_SUFFIX, suffix):
+                if n.endswith(s) and len(n) > len(s):
+                    found.add(n[: -len(s)])
+        return sorted(found)
+
+    def is_committed(self, unit: str) -> bool:
+        return (self.stats_path(unit).is_file() and self.index_path(unit).is_file()
+                and self.data_path(unit).exists())
+
+    def committed_units(self) -> list[str]:
+        return [u for u in self.units() if self.is_committed(u)]
+
+    def temp_files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if fsutil.parse_temp(p.name) is not None)
+
+    def cleanup_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
+        """Remove what crashed writers left: temp files whose writer is gone, and data or index files of
+        units that never got their stats file. Returns how many paths were removed.
+
+        A temp of a live writer on this host is kept; one from another host is removed only when older
+        than ``stale_after_s`` (its process cannot be checked from here).
+        """
+        removed = 0
+        busy: set[str] = set()
+        for p in self.temp_files():
+            t = fsutil.parse_temp(p.name)
+            assert t is not None
+            alive = t.owner_alive()
+            if alive is None:
+                alive = (time.time() - p.lstat().st_mtime) < stale_after_s
+            if alive:  # a live writer (this process's included): its unit is off limits
+                busy.add(t.unit)
+                continue
+            fsutil.remove(p)
+            removed += 1
+        for u in self.units():
+            if u in busy or self.stats_path(u).exists():
+                continue
+            for p in (self.data_path(u), self.index_path(u)):
+                if p.exists():
+                    fsutil.remove(p)
+                    removed += 1
+        if removed:
+            fsutil.fsync_path(self.path)
+        return removed
+
+    def open_unit(self, unit: str) -> UnitWriter:
+        """A writer for ``unit`` in this expert's format. Refuses a committed unit or one being written."""
+        _check_name("unit", unit)
+        if self.is_committed(unit):
+            raise UnitCommittedError(f"{self.stats_path(unit)}: unit {unit} is already committed; committed "
+                                     "units are immutable (delete the unit's files by hand to redo it)")
+        for p in self.temp_files():
+            t = fsutil.parse_temp(p.name)
+            if t is not None and t.unit == unit and t.pid != _pid() and t.owner_alive():
+                raise StoreError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
+        return get_format(self.spec.format).writer(self, unit)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def _require_committed(self, unit: str) -> None:
+        if not self.is_committed(unit):
+            have = self.committed_units()
+            raise StoreError(f"{self.path}: unit {unit!r} is not committed (no complete "
+                             f"{unit}{STATS_SUFFIX} + data + index); committed units: "
+                             f"{', '.join(have[:10]) + (' ...' if len(have) > 10 else '') or 'none'}")
+
+    def stats(self, unit: str) -> dict[str, Any]:
+        self._require_committed(unit)
+        p = self.stats_path(unit)
+        try:
+            stats = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{p}: not valid JSON ({e}); the file is corrupt") from None
+        if stats.get("schema_version") != UNIT_SCHEMA_VERSION:
+            raise StoreError(f"{p}: unit schema version {stats.get('schema_version')}, this astrea reads "
+                             f"{UNIT_SCHEMA_VERSION}; use a matching astrea release or re-extract")
+        return stats
+
+    def read_index(self, unit: str) -> pa.Table:
+        self._require_committed(unit)
+        p = self.index_path(unit)
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowException, OSError) as e:
+            raise StoreError(f"{p}: unreadable parquet index ({e}); run `astrea shards verify`") from None
+        version = (table.schema.metadata or {}).get(b"astrea.unit_schema_version", b"?").decode()
+        if version != str(UNIT_SCHEMA_VERSION):
+            raise StoreError(f"{p}: unit schema version {version}, this astrea reads {UNIT_SCHEMA_VERSION}")
+        missing = [n for n in INDEX_SCHEMA.names if n not in table.column_names]
+        if missing:
+            raise StoreError(f"{p}: index lacks column(s) {missing}")
+        return table
+
+    def iter_stored(self, unit: str, *, block_rows: int | None = None
+                    ) -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, str] | None]]:
+        """(index row, (tokens, pooled, outputs_json) in storage dtype or None for failed keys), source order."""
+        table = self.read_index(unit)
+        rows = table.select(["key", "status", "error", "caption", "labels", "index", "checksum"]).to_pylist()
+        data = get_format(self.spec.format).iter_rows(self.data_path(unit), block_rows)
+        where = self.data_path(unit)
+        for row in rows:
+            if row["status"] != STATUS_OK:
+                yield row, None
+                continue
+            try:
+                i, key, t, p, out = next(data)
+            except StopIteration:
+                raise StoreError(f"{where}: ends before key {row['key']!r} that its index lists; the unit is "
+                                 "truncated (run `astrea shards verify`)") from None
+            if i != row["index"] or key != row["key"]:
+                raise StoreError(f"{where}: row {i} holds key {key!r} but the index expects {row['key']!r} at "
+                                 f"row {row['index']}; data and index disagree (run `astrea shards verify`)")
+            yield row, (t, p, out)
+        extra = next(data, None)
+        if extra is not None:
+            raise StoreError(f"{where}: holds key {extra[1]!r} beyond the keys its index lists")
+
+    def iter_unit(self, unit: str, *, include_failed: bool = True, block_rows: int | None = None) -> Iterator[Record]:
+        """Every key of a committed unit in source order. Arrays come back in the storage dtype
+        (float16 / float32), bfloat16 as float32; failed keys (``include_failed``) carry no arrays."""
+        dtype = self.spec.dtype
+        for row, stored in self.iter_stored(unit, block_rows=block_rows):
+            labels = json.loads(row["labels"]) if row["labels"] else None
+            if stored is None:
+                if include_failed:
+                    yield Record(row["key"], row["status"], None, None, None, row["caption"], labels,
+                                 row["error"], unit, None)
+                continue
+            t, p, out = stored
+            yield Record(row["key"], STATUS_OK, from_storage(t, dtype), from_storage(p, dtype), json.loads(out),
+                         row["caption"], labels, None, unit, row["index"])
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+class Store:
+    """A feature store rooted at ``root`` (created on first write)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    def datasets(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _dataset_dir(self, dataset: str) -> Path:
+        d = self.root / dataset
+        if not d.is_dir():
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"feature store {self.root} does not exist; run `astrea extract` first "
+                                        "or point --store at an existing store")
+            raise UnknownNameError("dataset", dataset, self.datasets())
+        return d
+
+    def expert_dirs(self, dataset: str) -> list[Path]:
+        """Expert directory paths of a dataset, without validating them (see ``experts``)."""
+        d = self._dataset_dir(dataset)
+        return sorted(p for p in d.iterdir() if p.is_dir() and "@" in p.name and not p.name.startswith("."))
+
+    def experts(self, dataset: str) -> list[ExpertDir]:
+        """Every expert directory of a dataset, validated (a broken expert.json raises, naming the file)."""
+        return [ExpertDir.open(p) for p in self.expert_dirs(dataset)]
+
+    def expert_dir(self, dataset: str, spec: ExpertSpec, *, create: bool = False) -> ExpertDir:
+        """``STORE/DATASET/EXPERT@FP`` for ``spec``; with ``create``, made (expert.json written) if absent.
+        An existing directory is validated against ``spec``; nothing in it is ever overwritten."""
+        _check_name("dataset", dataset)
+        path = self.root / dataset / spec.dirname
+        if not (path / SPEC_FILE).exists():
+            if not create:
+                if not (self.root / dataset).is_dir():
+                    self._dataset_dir(dataset)
+                raise FileNotFoundError(f"{path}: no such expert directory (expert {spec.expert} with fingerprint "
+                                        f"{spec.fingerprint()} was never extracted for dataset {dataset!r})")
+            path.mkdir(parents=True, exist_ok=True)
+            doc = spec.to_dict()
+            doc["created_by"] = created_by()
+            try:
+                fsutil.write_atomic(path / SPEC_FILE, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+            except FileExistsError:
+                pass  # another writer created it meanwhile: validate theirs below
+            fsutil.fsync_path(path.parent)
+        return ExpertDir.open(path, expect=spec)
+
+    def resolve(self, dataset: str, ref: str) -> ExpertDir:
+        """``"sam2"`` (the only sam2 directory) or ``"sam2@FINGERPRINT"`` (a prefix is enough) -> ExpertDir."""
+        paths = self.expert_dirs(dataset)
+        name, _, fp = ref.partition("@")
+        by_name = [p for p in paths if p.name.split("@", 1)[0] == name]
+        if not by_name:
+            raise UnknownNameError("expert", name, sorted({p.name.split("@", 1)[0] for p in paths}))
+        if fp:
+            hits = [p for p in by_name if p.name.split("@", 1)[1].startswith(fp)]
+            if not hits:
+                raise UnknownNameError(f"{name} fingerprint", fp, [p.name.split("@", 1)[1] for p in by_name])
+            by_name = hits
+        if len(by_name) > 1:
+            raise StoreError(f"{self.root / dataset}: {ref!r} is ambiguous, it matches "
+                             f"{', '.join(p.name for p in by_name)}; name one as EXPERT@FINGERPRINT")
+        return ExpertDir.open(by_name[0])

@@ -1,0 +1,133 @@
+"""Zarr v3 units: one group per unit.
+
+```
+NNNNN.zarr/
+  zarr.json        group attrs: {"astrea": {unit, expert, fingerprint, dtype, grid, count, schema_version}}
+  tokens           [n, grid*grid, token_dim]  storage dtype, zstd, chunks of whole images (~1 MiB)
+  pooled           [n, pooled_dim]
+  keys             [n] string, the keys of the rows above (ok keys only, source order)
+  outputs          [n] string, one JSON document per row
+```
+Failed keys are not in the arrays; the unit's parquet index lists them (status=failed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from astrea.schemas.unit import UNIT_SCHEMA_VERSION
+from astrea.shards.dtypes import numpy_storage_dtype
+from astrea.shards.writer import UnitWriter
+
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: one 576x1152 fp16 image is 1.3 MiB, so one image per chunk
+MAX_CHUNK_ROWS = 64
+READ_BLOCK_BYTES = 256 << 20  # a reader holds at most this much of one unit's tokens at a time
+ZSTD_LEVEL = 3
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def chunk_rows(row_bytes: int) -> int:
+    return int(min(MAX_CHUNK_ROWS, max(1, CHUNK_BYTES // max(1, row_bytes))))
+
+
+class ZarrUnitWriter(UnitWriter):
+    suffix = ".zarr"
+
+    def _open(self, tmp: Path) -> None:
+        zarr = _zarr()
+        spec = self.spec
+        dt = numpy_storage_dtype(spec.dtype)
+        self._rows_per_chunk = chunk_rows(spec.num_tokens * spec.token_dim * dt.itemsize)
+        self._group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        self._tokens = self._group.create_array(
+            "tokens", shape=(0, spec.num_tokens, spec.token_dim), dtype=dt,
+            chunks=(self._rows_per_chunk, spec.num_tokens, spec.token_dim),
+            compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
+            dimension_names=("image", "token", "channel"))
+        self._pending: list[np.ndarray] = []
+        self._written = 0
+        # Small per-row things stay in memory until close (a 10k-image unit: ~25 MB of pooled at fp16).
+        self._pooled: list[np.ndarray] = []
+        self._keys_out: list[str] = []
+        self._outputs: list[str] = []
+
+    def _write(self, index: int, key: str, tokens: np.ndarray, pooled: np.ndarray, outputs_json: str) -> None:
+        self._pending.append(tokens)
+        self._pooled.append(pooled)
+        self._keys_out.append(key)
+        self._outputs.append(outputs_json)
+        if len(self._pending) == self._rows_per_chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        n = len(self._pending)
+        # Whole chunks are written at once (no read-modify-write of partial chunks).
+        self._tokens.resize((self._written + n, *self._tokens.shape[1:]))
+        self._tokens[self._written:self._written + n] = np.stack(self._pending)
+        self._written += n
+        self._pending = []
+
+    def _close(self) -> None:
+        zarr = _zarr()
+        spec = self.spec
+        self._flush()
+        n = self._written
+        dt = numpy_storage_dtype(spec.dtype)
+        pooled = np.stack(self._pooled) if self._pooled else np.zeros((0, spec.pooled_dim), dt)
+        prow = chunk_rows(spec.pooled_dim * dt.itemsize * 64) * 64
+        arr = self._group.create_array("pooled", shape=pooled.shape, dtype=dt, chunks=(max(1, min(prow, n or 1)), spec.pooled_dim),
+                                       compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
+                                       dimension_names=("image", "channel"))
+        if n:
+            arr[:] = pooled
+        with warnings.catch_warnings():
+            # zarr-python notes that its variable-length string dtype is not yet in the core v3 spec;
+            # zarr-python >= 3.0 reads and writes it.
+            warnings.simplefilter("ignore")
+            for name, values in (("keys", self._keys_out), ("outputs", self._outputs)):
+                a = self._group.create_array(name, shape=(n,), dtype=str, chunks=(max(1, n),),
+                                             compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL),
+                                             dimension_names=("image",))
+                if n:
+                    a[:] = np.array(values, dtype=object)
+        self._group.attrs["astrea"] = {
+            "unit": self.unit, "expert": spec.expert, "fingerprint": spec.fingerprint(), "dtype": spec.dtype,
+            "storage_dtype": dt.name, "grid": spec.grid, "count": n, "schema_version": UNIT_SCHEMA_VERSION,
+        }
+        self._pooled, self._outputs = [], []
+
+
+def iter_rows(path: Path, block_rows: int | None = None) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, str]]:
+    """(index, key, tokens, pooled, outputs_json) in storage dtype, reading chunk-aligned blocks at once."""
+    zarr = _zarr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        keys = g["keys"][:]
+        outputs = g["outputs"][:]
+        pooled = g["pooled"][:]
+    tokens = g["tokens"]
+    n = tokens.shape[0]
+    if not (len(keys) == len(outputs) == pooled.shape[0] == n):
+        raise ValueError(f"{path}: arrays disagree in length (tokens {n}, pooled {pooled.shape[0]}, "
+                         f"keys {len(keys)}, outputs {len(outputs)})")
+    if block_rows is None:
+        c = tokens.chunks[0]
+        row = int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize
+        block_rows = max(c, (READ_BLOCK_BYTES // max(1, row)) // c * c)
+    for start in range(0, n, block_rows):
+        block = tokens[start:start + block_rows]
+        for j in range(block.shape[0]):
+            i = start + j
+            yield i, str(keys[i]), block[j], pooled[i], str(outputs[i])

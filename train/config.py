@@ -1,0 +1,308 @@
+"""`TrainConfig`: every knob of a training run, settable from a YAML/TOML file and overridable per flag.
+
+Precedence (lowest to highest): dataclass defaults < config file < CLI flags / ``overrides``.
+The resolved config is written to ``RUN/config.yaml`` so a run can be repeated from that file alone.
+Unknown keys are refused with the full dotted name (``optim.lr`` not ``lr``) so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from astrea.train.errors import TrainError
+
+PRE_ALIGNMENT_STAGES = ("caption", "classification", "detection", "segmentation")
+
+# Which store expert serves each pre-alignment stage (paper Tab. 5 uses these four; any expert name
+# present in the store may be put instead, e.g. ``caption: clip``).
+DEFAULT_STAGE_EXPERTS = {
+    "caption": "siglip",
+    "classification": "ram_plus",
+    "detection": "grounding_dino",
+    "segmentation": "sam2",
+}
+# Which expert's stored predictions become each target text (DEVELOPING.md output conventions).
+DEFAULT_TARGET_SOURCES = {"tags": "ram_plus", "boxes": "grounding_dino", "masks": "sam2"}
+
+
+@dataclass
+class LLMConfig:
+    # "tiny-random" builds a small Llama from a config with random weights (tests, demo, CPU);
+    # anything else is a transformers hub id or a local directory.
+    name: str = "tiny-random"
+    freeze: bool = True
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # tiny-random architecture (ignored for a real LLM)
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 128
+    max_positions: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class ProjectorConfig:
+    # LLaVA-1.5's "mlp2x_gelu": Linear(D_e, H) -> GELU -> Linear(H, H).
+    layers: int = 2
+
+
+@dataclass
+class ResidualConfig:
+    enabled: bool = True
+    p: float = 0.5  # Bernoulli probability p_res of each earlier expert's residual (Eq. 3)
+    gamma: float = 1.0  # initial value of the learnable weight gamma (Eq. 3)
+    # "skip": f' = f + attn (METHOD.md); "attn": f' = attn, the paper's printed Eq. 2.
+    reading: str = "skip"
+    heads: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.05
+    warmup: float = 0.15  # fraction of each stage's steps
+    schedule: str = "cosine"  # cosine | constant
+    grad_accum: int = 1
+    clip_grad: float = 1.0  # 0 disables
+
+
+@dataclass
+class DataConfig:
+    heldout_fraction: float = 0.05  # deterministic hash of the key: same split in every run
+    heldout_max: int = 64  # held-out samples scored per evaluation
+    shuffle: bool = True
+    max_text_tokens: int = 384  # prompt + target; longer targets are truncated and counted
+    max_objects: int = 8  # boxes / masks rendered per image
+    box_decimals: int = 2
+    polygon_points: int = 8
+    prefetch: int = 2  # batches read ahead by a background thread (0: read inline)
+
+
+@dataclass
+class TrainConfig:
+    store: str = ""
+    data: str = ""
+    out: str = ""
+    stages: list[str] = field(default_factory=lambda: default_stages())
+    stage_experts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STAGE_EXPERTS))
+    target_sources: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TARGET_SOURCES))
+    # expert name -> fingerprint the run must read; empty: whatever the store holds (recorded in RUN)
+    expected_fingerprints: dict[str, str] = field(default_factory=dict)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dataset: DataConfig = field(default_factory=DataConfig)
+    steps: int = 200  # optimizer steps per stage
+    stage_steps: dict[str, int] = field(default_factory=dict)  # per-stage override of `steps`
+    batch_size: int = 8  # per process, per micro-batch
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    save_every: int = 100  # steps; 0: only at stage ends
+    keep_checkpoints: int = 2  # step checkpoints kept (stage-end weights in RUN/stages/ are always kept)
+    eval_every: int = 0  # steps; 0: held-out L_reg only before and after each stage
+    log_every: int = 1
+    progress: bool = True
+    resume: bool = False
+    init_from: str = ""  # RUN dir or checkpoint dir whose Astrea weights initialise this run
+    workers: int = 1  # >1: Ray Train workers
+    address: str = ""  # Ray cluster address ("auto", "ray://host:10001"); empty: local
+    extras: dict[str, Any] = field(default_factory=dict)  # free-form options of plug-in stages (main)
+
+    def steps_for(self, stage: str) -> int:
+        return int(self.stage_steps.get(stage, self.steps))
+
+    def validate(self) -> None:
+        from astrea.registry import check_choice
+
+        try:
+            check_choice("residual.reading", self.residual.reading, ("skip", "attn"))
+            check_choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
+            check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        checks = [
+            ("store", bool(self.store), "give the feature store (--from-shards STORE)"),
+            ("data", bool(self.data), "give the dataset name in the store (--data NAME)"),
+            ("out", bool(self.out), "give the run directory (--out RUN)"),
+            ("stages", bool(self.stages), "name at least one stage"),
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("optim.grad_accum", self.optim.grad_accum >= 1, "must be >= 1"),
+            ("optim.lr", self.optim.lr > 0, "must be > 0"),
+            ("optim.warmup", 0.0 <= self.optim.warmup < 1.0, "must be in [0, 1)"),
+            ("residual.p", 0.0 <= self.residual.p <= 1.0, "must be in [0, 1]"),
+            ("dataset.heldout_fraction", 0.0 <= self.dataset.heldout_fraction < 1.0, "must be in [0, 1)"),
+            ("workers", self.workers >= 1, "must be >= 1"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                raise TrainError(f"config field {name}={_get(self, name)!r}: {fix}")
+        if len(set(self.stages)) != len(self.stages):
+            raise TrainError(f"config field stages={self.stages}: a stage is listed twice")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(self.optim.betas)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+        return _build(cls, d, prefix="", source=source)
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> "TrainConfig":
+        """Defaults < file (``.yaml``/``.yml``/``.toml``) < ``overrides`` (dotted keys, e.g. ``optim.lr``)."""
+        data: dict[str, Any] = {}
+        if path:
+            data = read_config_file(path)
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            _set_dotted(data, key, value)
+        return cls.from_dict(data, source=str(path) if path else "config")
+
+
+def default_stages() -> list[str]:
+    """All pre-alignment stages, then the MoE/MoCo main stage once that plug-in exists."""
+    import importlib.util
+
+    stages = list(PRE_ALIGNMENT_STAGES)
+    if importlib.util.find_spec("astrea.train.main_stage") is not None:
+        stages.append("main")
+    return stages
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise TrainError(f"config file {p}: unknown extension {p.suffix!r}; use .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise TrainError(f"config file {p} does not parse: {e}") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"config file {p}: expected a mapping at the top level")
+    return data
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise TrainError(f"override {key}: {part} is not a section")
+    d[parts[-1]] = value
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build(cls: type, d: dict[str, Any], *, prefix: str, source: str) -> Any:
+    if not isinstance(d, dict):
+        raise TrainError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise TrainError(
+            f"{source}: unknown config field(s) {[prefix + u for u in unknown]}; "
+            f"valid fields here: {sorted(prefix + f for f in fields)}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str, source: str) -> Any:
+    """Check and convert one value to its declared type; strings from the CLI are parsed."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=name + ".", source=source)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = TrainError(f"{source}: config field {name}={value!r} is not a valid {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise bad
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise bad
+        return out
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise bad
+        return str(value)
+    if tp is Any:
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "a,b,c" from a CLI flag
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise bad
+        if origin is tuple:
+            if len(value) != len(args):
+                raise bad
+            return tuple(_coerce(a, v, name, source) for a, v in zip(args, value, strict=True))
+        return [_coerce(args[0], v, name, source) for v in value]
+    if origin is dict:
+        if isinstance(value, str):  # "caption=clip,classification=ram" from a CLI flag
+            pairs = [p for p in value.split(",") if p.strip()]
+            if not all("=" in p for p in pairs):
+                raise bad
+            value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k).strip(): _coerce(args[1], v, f"{name}.{k}", source) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(a, value, name, source)
+            except TrainError:
+                continue
+        raise bad
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,291 @@
+"""The ``main`` stage (paper Sec. 3.2): MoE fusion of all aligned experts + MoCo, on top of pre-alignment.
+
+What it trains: the MoE router and per-expert adapters (Eq. 9-10) and the MoCo online heads (Eq. 5-8),
+with ``L_total = L_reg + mu * L_moco`` (Eq. 11). The projectors and residual attentions trained by the
+pre-alignment stages stay frozen (``train_projectors: true`` unfreezes them); the LLM follows
+``llm.freeze`` / ``llm.lora`` as in every stage.
+
+Visual tokens: every pre-alignment expert's aligned grid (projector, then the random residual attention
+over the experts aligned before it, exactly as pre-alignment trained it; ``residual.enabled: false`` is
+the Tab. 4 "no residual" ablation) is mixed token by token by the router into one grid of P tokens.
+
+Task per sample: the main stage teaches one task per sample (caption, tags, boxes or masks, each with its
+own instruction), so that routing can be measured per task type (Fig. 2). The task of an image is a
+hash of (seed, key): reproducible, identical after ``--resume`` and independent of the prefetch thread's
+timing; over many images every task gets an even share. When the chosen task has no text for an image
+(no caption, no outputs), the next task in order is used.
+
+Options live in the train config under ``extras`` (see :class:`MainStageConfig`), e.g.
+``--set extras.top_k=1 --set extras.no_moco=true --set extras.mu=0.5``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig, _build
+from astrea.train.errors import TrainError
+from astrea.train.model import IGNORE, AstreaModel
+from astrea.train.moco import MoCo, MoCoConfig, sample_ids
+from astrea.train.moe import MoEConfig, MoEFusion, MoEOutput
+from astrea.train.stages import STAGES, AlignStage, Stage, StageContext, llm_trainable_modules
+from astrea.train.templates import STAGE_TASK, TASKS, Rendered, render
+
+__all__ = ["MainStage", "MainStageConfig", "MoEOptions", "MoCoOptions", "main_config"]
+
+
+@dataclass
+class MoEOptions:
+    adapter_hidden: int | None = None  # None -> the LLM hidden size
+    adapter_init: str = "identity"  # identity | random
+    router_context: bool = True  # router also reads the pooled instruction embedding
+    balance_weight: float = 0.0  # load-balancing aux loss; the paper names none
+
+
+@dataclass
+class MoCoOptions:
+    embed_dim: int = 256
+    head_hidden: int | None = None
+    queue_size: int = 4096
+    momentum: float = 0.995
+    tau: float = 0.07
+    lam: float = 0.5
+    # text side of MoCo: "llm" = mean of the LLM's last hidden states over the caption (frozen LLM: no
+    # grad, one extra text-only forward); "embeddings" = mean input embedding (bag of tokens, cheapest)
+    text_encoder: str = "llm"
+    max_caption_tokens: int = 64
+
+
+@dataclass
+class MainStageConfig:
+    """``cfg.extras``: options of the main stage (each ablation is one field)."""
+
+    top_k: int = 3  # Tab. 3
+    no_moco: bool = False  # Tab. 4 (residual on/off is residual.enabled, shared with pre-alignment)
+    mu: float = 0.1  # Eq. 11 weight of L_moco (the paper gives no value)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    train_projectors: bool = False
+    moe: MoEOptions = field(default_factory=MoEOptions)
+    moco: MoCoOptions = field(default_factory=MoCoOptions)
+
+    def validate(self) -> None:
+        from astrea.registry import check_choice
+
+        try:
+            check_choice("extras.moe.adapter_init", self.moe.adapter_init, ("identity", "random"))
+            check_choice("extras.moco.text_encoder", self.moco.text_encoder, ("llm", "embeddings"))
+            for t in self.tasks:
+                check_choice("extras.tasks", t, TASKS)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if not self.tasks:
+            raise TrainError("config field extras.tasks is empty; name at least one of " + ", ".join(TASKS))
+        if self.mu < 0:
+            raise TrainError(f"config field extras.mu={self.mu} must be >= 0")
+        if self.moco.max_caption_tokens < 1:
+            raise TrainError(f"config field extras.moco.max_caption_tokens={self.moco.max_caption_tokens} must be >= 1")
+
+
+def main_config(cfg: TrainConfig) -> MainStageConfig:
+    """Parse and check ``cfg.extras`` (unknown keys are refused with their dotted name)."""
+    mc = _build(MainStageConfig, dict(cfg.extras), prefix="extras.", source="config")
+    mc.validate()
+    return mc
+
+
+def pre_alignment_plan(cfg: TrainConfig, before: list[str]) -> list[tuple[str, list[str]]]:
+    """(expert, experts aligned before it) for every pre-alignment expert, in the order they were aligned.
+
+    The run's own stage order when it has pre-alignment stages before ``main`` (reversed, ``all``, ...);
+    otherwise (a main-only run initialised from a pre-alignment run) the canonical order.
+    """
+    order = [s for s in before if s in (*PRE_ALIGNMENT_STAGES, "all")] or list(PRE_ALIGNMENT_STAGES)
+    plan: list[tuple[str, list[str]]] = []
+    for i, name in enumerate(order):
+        if name in PRE_ALIGNMENT_STAGES and name not in cfg.stage_experts:
+            raise TrainError(
+                f"config field stage_experts has no expert for stage {name!r}, which the main stage mixes; "
+                f"add stage_experts.{name}"
+            )
+        st = AlignStage(StageContext(cfg=cfg, name=name, index=i, order=order))
+        plan += [(e, st.context_experts) for e in st.experts]
+    return plan
+
+
+class MainStage(Stage):
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        self.mc = main_config(ctx.cfg)
+        self.plan = pre_alignment_plan(ctx.cfg, ctx.order[: ctx.index])
+        self.experts = [e for e, _ in self.plan]
+        if not 1 <= self.mc.top_k <= len(self.experts):
+            raise TrainError(
+                f"config field extras.top_k={self.mc.top_k} must be between 1 and the number of experts "
+                f"({len(self.experts)}: {', '.join(self.experts)})"
+            )
+        self._last: MoEOutput | None = None
+
+    # -- what it reads ------------------------------------------------------------------------------
+    def tasks(self) -> list[str]:
+        return list(self.mc.tasks)
+
+    def required_experts(self) -> list[str]:
+        need = list(self.experts)
+        need += [self.ctx.cfg.target_sources[t] for t in self.mc.tasks if t != "caption"]
+        return list(dict.fromkeys(need))
+
+    # -- model --------------------------------------------------------------------------------------
+    def build(self, model: AstreaModel) -> None:
+        mo = self.mc.moe
+        moe_cfg = MoEConfig(
+            dim=model.hidden_size,
+            n_experts=len(self.experts),
+            top_k=self.mc.top_k,
+            adapter_hidden=mo.adapter_hidden,
+            adapter_init=mo.adapter_init,
+            router_context=mo.router_context,
+            balance_weight=mo.balance_weight,
+            expert_names=tuple(self.experts),
+        )
+        try:
+            model.extras["moe"] = moe_cfg.build()
+            if not self.mc.no_moco:
+                c = self.mc.moco
+                model.extras["moco"] = MoCoConfig(
+                    visual_dim=model.hidden_size,
+                    text_dim=model.hidden_size,
+                    embed_dim=c.embed_dim,
+                    head_hidden=c.head_hidden,
+                    queue_size=c.queue_size,
+                    momentum=c.momentum,
+                    tau=c.tau,
+                    lam=c.lam,
+                ).build()
+        except ValueError as e:  # the sub-configs name their field ("moco.tau"); point at extras.
+            raise TrainError(f"config field extras.{e}") from None
+
+    def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:
+        mods: list[nn.Module] = [model.extras["moe"]]
+        if "moco" in model.extras:
+            moco: MoCo = model.extras["moco"]  # type: ignore[assignment]
+            mods += [moco.online_v, moco.online_t]  # never the momentum heads (Eq. 8 only)
+        if self.mc.train_projectors:
+            mods += [model.projectors[e] for e in self.experts]
+            if self.ctx.cfg.residual.enabled:
+                mods += [model.residuals[e] for e, ctx in self.plan if ctx]
+        return mods + llm_trainable_modules(model)
+
+    def aligned_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Each expert's aligned grid [B, P, H], as pre-alignment produced it."""
+        grad = self.mc.train_projectors and torch.is_grad_enabled()
+        out = []
+        with torch.set_grad_enabled(grad):
+            projected = {e: model.project(e, batch["tokens"][e]) for e in self.experts}
+            for e, before in self.plan:
+                ctx = [projected[c] for c in before] if self.ctx.cfg.residual.enabled else []
+                out.append(model.residuals[e](projected[e], ctx) if ctx else projected[e])
+        return out
+
+    def instruction_context(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean input embedding of each sample's prompt tokens [B, H]: what the router knows of the task."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        prompt = (mask.bool() & (labels == IGNORE)).float()
+        with torch.no_grad():
+            emb = model.llm.get_input_embeddings()(ids).float()
+        return (emb * prompt[..., None]).sum(1) / prompt.sum(1, keepdim=True).clamp(min=1)
+
+    def fuse(self, model: AstreaModel, batch: dict[str, Any]) -> MoEOutput:
+        grids = self.aligned_tokens(model, batch)
+        moe: MoEFusion = model.extras["moe"]  # type: ignore[assignment]
+        context = self.instruction_context(model, batch).to(grids[0].dtype) if moe.cfg.router_context else None
+        return moe(grids, context=context)
+
+    def visual_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
+        out = self.fuse(model, batch)
+        self._last = out  # extra_losses (same micro-batch) reads the aux loss and the fused grid
+        return out.fused
+
+    def extra_losses(self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        if self._last is not None and model.extras["moe"].cfg.balance_weight > 0:  # type: ignore[union-attr]
+            losses["balance"] = self._last.aux_loss
+        if "moco" in model.extras:
+            losses["moco"] = self.mc.mu * self.moco_loss(model, batch, visual)
+        return losses
+
+    # -- MoCo ---------------------------------------------------------------------------------------
+    def caption_rows(self, batch: dict[str, Any]) -> list[int]:
+        return [i for i, c in enumerate(batch.get("captions") or []) if isinstance(c, str) and c.strip()]
+
+    def text_features(self, model: AstreaModel, captions: list[str], device: torch.device) -> torch.Tensor:
+        """Pooled text embedding [B, H] of captions (MoCo's text side input)."""
+        c = self.mc.moco
+        tok = model.tokenizer(
+            captions, add_special_tokens=False, truncation=True, max_length=c.max_caption_tokens,
+            padding=True, return_tensors="pt",
+        )
+        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        trainable = any(p.requires_grad for p in model.llm.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            if c.text_encoder == "embeddings":
+                h = model.llm.get_input_embeddings()(ids)
+            else:
+                out = model.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+                h = out.hidden_states[-1]
+        m = mask[..., None].to(h.dtype)
+        return ((h * m).sum(1) / m.sum(1).clamp(min=1)).float()
+
+    def moco_loss(self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor) -> torch.Tensor:
+        moco: MoCo = model.extras["moco"]  # type: ignore[assignment]
+        rows = self.caption_rows(batch)
+        pooled = visual.float().mean(1)
+        if len(rows) < 2:
+            # No contrast without two captions. Still a graph-connected zero and an (empty) enqueue, so
+            # every DDP rank produces the same gradients tensors and joins the same key gather.
+            moco.enqueue(pooled.new_zeros(0, moco.cfg.embed_dim), pooled.new_zeros(0, moco.cfg.embed_dim))
+            zero = moco.online_v(pooled).sum() * 0.0
+            return zero + moco.online_t(pooled.new_zeros(1, moco.cfg.text_dim)).sum() * 0.0
+        idx = torch.tensor(rows, device=visual.device)
+        text = self.text_features(model, [batch["captions"][i] for i in rows], visual.device)
+        ids = sample_ids([batch["keys"][i] for i in rows])
+        return moco(pooled.index_select(0, idx), text, ids=ids).loss
+
+    def after_step(self, model: AstreaModel) -> None:
+        if "moco" in model.extras:
+            model.extras["moco"].momentum_update()  # type: ignore[operator]
+
+    # -- text ---------------------------------------------------------------------------------------
+    def task_for(self, key: str) -> str:
+        h = hashlib.blake2b(f"{self.ctx.cfg.seed}:{key}".encode(), digest_size=8).digest()
+        return self.mc.tasks[int.from_bytes(h, "little") % len(self.mc.tasks)]
+
+    def render(self, sample: dict[str, Any]) -> Rendered | None:
+        tasks = self.mc.tasks
+        start = tasks.index(self.task_for(str(sample.get("key", ""))))
+        return self._render_first(sample, tasks[start:] + tasks[:start])
+
+    def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
+        """A render function that always asks ``task`` (held-out evaluation per task type)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+        return lambda sample: self._render_first(sample, [task])
+
+    def _render_first(self, sample: dict[str, Any], tasks: list[str]) -> Rendered | None:
+        opts = self.ctx.target_options()
+        for task in tasks:
+            r = render(sample, [task], self.ctx.cfg.target_sources, opts, self.ctx.stats)
+            if r is not None:
+                return r
+        return None
+
+
+# The stage each task belongs to, inverted: used by eval/report to label things the paper's way.
+TASK_STAGE = {t: s for s, t in STAGE_TASK.items()}
+
+STAGES.register("main", MainStage, help="main: MoE router + adapters over all aligned experts, MoCo (Eq. 5-11)")

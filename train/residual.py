@@ -1,0 +1,78 @@
+"""Random residual attention (paper Eq. 2-4, METHOD.md).
+
+For image j at stage k, with ``f = f_kj`` the current expert's projected tokens [B, P, H] and
+``C_i`` the frozen aligned tokens of each earlier expert i < k:
+
+    Q = F_q(gamma * sum_i w_i C_i),  K = F_k(f),  V = F_v(f),  attn = softmax(Q K^T / sqrt(d)) V
+
+``w_i ~ Bernoulli(p)`` per sample while training; ``w_i = p`` (its expectation) at eval.
+
+Two readings, selected by ``reading``:
+- ``"skip"`` (default, METHOD.md): ``f' = f + g * attn``;
+- ``"attn"`` (the paper's printed Eq. 2): ``f' = g * attn + (1 - g) * f``,
+where ``g`` is 1 for a sample with at least one residual drawn (sum_i w_i > 0) and 0 otherwise. Without
+the gate an all-zero draw would give Q = F_q(0) = bias: uniform attention, the mean of V, i.e. the
+tokens' positions lost; the gate makes "no residual" mean "the stage's own tokens", in both readings.
+With no earlier expert (the first stage) the module is the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+READINGS = ("skip", "attn")
+
+
+class RandomResidualAttention(nn.Module):
+    def __init__(self, dim: int, *, p: float = 0.5, gamma: float = 1.0, reading: str = "skip", heads: int = 1):
+        super().__init__()
+        if reading not in READINGS:
+            raise ValueError(f"residual.reading={reading!r} is not valid; choose one of {list(READINGS)}")
+        if dim % heads:
+            raise ValueError(f"residual.heads={heads} must divide the LLM hidden size {dim}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"residual.p={p} must be in [0, 1]")
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.tensor(float(gamma)))
+        self.p, self.reading, self.heads = p, reading, heads
+
+    def draw(self, batch: int, n_prev: int, device: torch.device) -> torch.Tensor:
+        """Per-sample residual weights w [B, n_prev]: Bernoulli draws in training, p at eval."""
+        probs = torch.full((batch, n_prev), self.p, device=device)
+        return torch.bernoulli(probs) if self.training else probs
+
+    def forward(
+        self, f: torch.Tensor, context: list[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not context:
+            return f
+        c = torch.stack(context, dim=1).to(f.dtype)  # [B, n, P, H]
+        if c.shape[2] != f.shape[1]:
+            raise ValueError(
+                f"residual attention needs equal token counts: earlier experts have {c.shape[2]}, "
+                f"the current one {f.shape[1]}; extract every expert on the same grid"
+            )
+        w = self.draw(f.shape[0], c.shape[1], f.device) if weights is None else weights
+        w = w.to(f.dtype)
+        mixed = self.gamma * (w[:, :, None, None] * c).sum(dim=1)
+        attn = self._attend(self.q(mixed), self.k(f), self.v(f))
+        gate = (w.sum(dim=1) > 0).to(f.dtype)[:, None, None]
+        if self.reading == "skip":
+            return f + gate * attn
+        return gate * attn + (1 - gate) * f
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, p, h = q.shape
+        d = h // self.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, -1, self.heads, d).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=1.0 / math.sqrt(d))
+        return out.transpose(1, 2).reshape(b, p, h)

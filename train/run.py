@@ -1,0 +1,216 @@
+"""`astrea.train.run(cfg)`: one training run, from config to RUN directory.
+
+RUN layout:
+    config.yaml        the resolved TrainConfig (rerun with ``--config RUN/config.yaml``)
+    run.json           experts read (name -> fingerprint), LLM (source, hidden size, random_weights)
+    llm/               the tiny random LLM's weights + tokenizer (tiny-random only)
+    metrics.jsonl, tb/ metrics (see metrics.py)
+    checkpoints/       step checkpoints + ``latest`` (see checkpoint.py)
+    stages/<name>/model.safetensors   Astrea weights at the end of each stage
+    summary.json       per-stage results (held-out L_reg before/after, throughput, skipped records)
+
+Every check that can fail on bad input (config, store, fingerprints, resume compatibility) runs before
+the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from astrea.train.config import TrainConfig
+from astrea.train.errors import TrainError
+from astrea.train.llm import TINY, build_llm, save_llm
+from astrea.train.metrics import Metrics
+from astrea.train.model import AstreaModel
+from astrea.train.stages import build_stages
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train; returns the summary (also written to RUN/summary.json). ``cfg.workers > 1``: Ray Train."""
+    cfg.validate()
+    if cfg.workers > 1 and not _in_distributed_env():
+        from astrea.train.ray_launch import launch
+
+        return launch(cfg)
+    return run_local(cfg)
+
+
+def run_local(cfg: TrainConfig) -> dict[str, Any]:
+    from astrea.train.distributed import init_distributed
+
+    cfg.validate()
+    device = _device(cfg.device)
+    dist = init_distributed(device.type)
+    if device.type == "cuda" and cfg.device in ("auto", "cuda"):
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _run(cfg, dist, device)
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
+    from astrea.train.checkpoint import CheckpointDir, read_checkpoint
+    from astrea.train.store_check import resolve_experts
+    from astrea.train.trainer import Trainer
+
+    run_dir = Path(cfg.out)
+    ckdir = CheckpointDir(run_dir)
+    latest = ckdir.latest()
+    if latest is not None and not cfg.resume:
+        raise TrainError(f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume or a new --out")
+
+    # -- stages and the store: every expert they read must be there, as expected --------------------
+    stages = build_stages(cfg)
+    needed_by: dict[str, str] = {}
+    for s in stages:
+        for e in s.required_experts():
+            needed_by.setdefault(e, f"stage {s.name}")
+    specs = resolve_experts(cfg.store, cfg.data, list(needed_by), cfg.expected_fingerprints, needed_by=needed_by)
+    for s in stages:
+        s.ctx.specs = dict(specs)
+    saved = _read_run_json(run_dir) if cfg.resume and latest is not None else None
+    if saved is not None:
+        _check_same_store(saved, specs)
+
+    # -- model: same initial weights on every rank, then per-rank RNG for the residual draws ---------
+    _seed(cfg.seed)
+    llm_dir = run_dir / "llm"
+    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None)
+    if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
+        raise TrainError(
+            f"--resume: the run was trained with an LLM of hidden size {saved['llm']['hidden_size']} "
+            f"({saved['llm']['source']}), this config loads {llm.source} with hidden size {llm.hidden_size}; "
+            "resume with the same --llm or start a new --out"
+        )
+    model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
+    for s in stages:
+        s.build(model)
+    if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.precision != "fp32":
+        model.llm.to(torch.bfloat16)  # a frozen LLM in bf16 halves its memory; autocast runs bf16 anyway
+    model.to(device)
+    if cfg.compile:
+        model.llm.compile()  # in place: state-dict keys stay the same
+    if cfg.init_from:
+        _init_from(model, cfg.init_from)
+
+    resume = None
+    if cfg.resume and latest is not None:
+        resume = read_checkpoint(latest, dist.rank)
+        if resume["state"]["world_size"] != dist.world_size:
+            raise TrainError(
+                f"--resume: checkpoint {latest} was written by {resume['state']['world_size']} processes, this "
+                f"run has {dist.world_size}; data positions are per rank, resume with the same number of workers"
+            )
+        if resume["state"]["hidden_size"] != model.hidden_size:
+            raise TrainError(f"--resume: checkpoint hidden size {resume['state']['hidden_size']} != {model.hidden_size}")
+        model.load_astrea_state_dict({k: v.to(device) for k, v in resume["model"].items()})
+    _seed(cfg.seed + dist.rank)
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        info = {
+            "experts": {n: s.fingerprint() for n, s in specs.items()},
+            "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
+            "llm": {"source": llm.source, "hidden_size": llm.hidden_size, "random_weights": llm.random_weights},
+            "stages": list(cfg.stages),
+            "world_size": dist.world_size,
+        }
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2))
+        if cfg.llm.name == TINY and not llm_dir.is_dir():
+            save_llm(llm, llm_dir)
+    dist.barrier()
+
+    metrics = Metrics(run_dir, enabled=dist.is_main, progress=cfg.progress)
+    try:
+        trainer = Trainer(cfg, model, stages, dist, device, run_dir, metrics)
+        results = trainer.fit(resume)
+    finally:
+        metrics.close()
+    summary = {
+        "run": str(run_dir),
+        "llm": {"source": llm.source, "random_weights": llm.random_weights, "hidden_size": llm.hidden_size},
+        "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
+        "world_size": dist.world_size,
+        "global_steps": trainer.global_step,
+        "target_render_drops": dict(stages[0].ctx.stats.dropped) if stages else {},
+        "stages": [
+            {**r.__dict__, "samples_per_s": r.samples / r.seconds if r.seconds else None,
+             "tokens_per_s": r.tokens / r.seconds if r.seconds else None,
+             "data_wait_fraction": r.data_wait_s / r.seconds if r.seconds else None}
+            for r in results
+        ],
+    }
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"config field device={name!r}: no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _in_distributed_env() -> bool:
+    import os
+
+    import torch.distributed as tdist
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (tdist.is_available() and tdist.is_initialized())
+
+
+def _read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    p = run_dir / "run.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _check_same_store(saved: dict[str, Any], specs: dict[str, Any]) -> None:
+    changed = {
+        n: (saved["experts"][n], s.fingerprint())
+        for n, s in specs.items()
+        if n in saved.get("experts", {}) and saved["experts"][n] != s.fingerprint()
+    }
+    if changed:
+        detail = ", ".join(f"{n}: {a} -> {b}" for n, (a, b) in changed.items())
+        raise TrainError(
+            f"--resume: the store's experts changed since this run started ({detail}); features from a "
+            "different expert would silently corrupt the run. Resume against the original store or start a new --out"
+        )
+
+
+def _init_from(model: AstreaModel, path: str) -> None:
+    from safetensors.torch import load_file
+
+    from astrea.train.checkpoint import CheckpointDir
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():  # a RUN directory: its newest checkpoint
+        latest = CheckpointDir(p).latest()
+        if latest is None:
+            raise TrainError(f"init_from={path}: the run has no finished checkpoint")
+        p = latest
+    f = p / "model.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        raise TrainError(f"init_from={path}: no model.safetensors there")
+    sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("stage.")}
+    try:
+        model.load_astrea_state_dict(sd, strict=False)
+    except ValueError as e:
+        raise TrainError(f"init_from={path}: {e}") from None

@@ -1,0 +1,238 @@
+"""Training stages: what the trainer runs, one after another, on one `AstreaModel`.
+
+The trainer (``astrea.train.trainer``) knows nothing about any particular stage. For each stage in
+``cfg.stages`` it asks the stage registry for a class, builds it with a :class:`StageContext`, and:
+
+1. before any step, for every stage of the run, in order: ``stage.build(model)`` (add modules to
+   ``model.extras``; runs before checkpoints load, so their weights have a home), and
+   ``stage.required_experts()`` is checked against the store (one clear error if one is missing);
+2. when the stage starts: freezes the whole model, then unfreezes ``stage.trainable_modules(model)``
+   (only those parameters go to the optimizer; everything else, earlier stages included, stays put);
+3. streams samples with the experts of ``stage.required_experts()``; ``stage.render(sample)`` gives the
+   prompt and target text (None: sample skipped and counted);
+4. per micro-batch: ``visual = stage.visual_tokens(model, batch)`` [B, P, H];
+   ``L_reg`` (Eq. 1) from ``model.lm_loss``; ``extras = stage.extra_losses(model, batch, visual)``, a dict
+   of already-weighted scalar terms (e.g. ``{"moco": mu * L_moco}``) added to the loss and logged by name;
+5. after each optimizer step: ``stage.after_step(model)`` (e.g. the MoCo momentum update);
+6. checkpoints hold ``model.astrea_state_dict()`` (which includes ``model.extras``) and, per stage,
+   ``stage.state_dict()`` for non-module state (tensors only; e.g. queue pointers).
+
+The batch (``astrea.train.data.Collator``) is a dict:
+    keys: list[str]; tokens: {expert: float Tensor [B, P, D_e]}; pooled: {expert: Tensor [B, D]};
+    input_ids, attention_mask, labels: Tensor [B, N] (labels -100 on prompt and padding);
+    prompts, targets, tasks, captions: list[str | None]
+
+Writing the main stage (issue 6): subclass :class:`Stage`, register it as ``"main"`` in
+``astrea.train.main_stage`` (``STAGES.register("main", ...)`` at import; ``stage_class("main")`` imports
+that module on first use). Its ``build`` adds the router/adapters/MoCo to ``model.extras`` and
+initialises adapters from ``model.projectors``; ``visual_tokens`` mixes all experts' aligned tokens;
+``render`` may pick a task per sample; ``extra_losses`` returns the MoCo term. ``cfg.extras`` carries
+its options (top_k, mu, ...) until it gets its own config section.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from astrea.registry import Registry
+from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
+from astrea.train.errors import TrainError
+from astrea.train.model import AstreaModel
+from astrea.train.targets import TargetOptions, TargetStats
+from astrea.train.templates import STAGE_TASK, Rendered, render
+
+
+@dataclass
+class StageContext:
+    """What a stage may know about the run when it is built."""
+
+    cfg: TrainConfig
+    name: str
+    index: int  # position of this stage in cfg.stages
+    order: list[str]  # cfg.stages
+    # store expert name -> its ExpertSpec (token_dim, grid, fingerprint) for every expert the run reads
+    specs: dict[str, Any] = field(default_factory=dict)
+    stats: TargetStats = field(default_factory=TargetStats)
+
+    def target_options(self) -> TargetOptions:
+        d = self.cfg.dataset
+        return TargetOptions(max_objects=d.max_objects, decimals=d.box_decimals, polygon_points=d.polygon_points)
+
+
+class Stage:
+    """Base class of a training stage. Subclasses override what differs; see the module docstring."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.name = ctx.name
+
+    # -- what it reads ------------------------------------------------------------------------------
+    def required_experts(self) -> list[str]:
+        """Store experts this stage streams (features, residual context and target sources)."""
+        raise NotImplementedError
+
+    def tasks(self) -> list[str]:
+        """Target tasks, in order (subset of templates.TASKS)."""
+        raise NotImplementedError
+
+    # -- model --------------------------------------------------------------------------------------
+    def build(self, model: AstreaModel) -> None:
+        """Add this stage's own modules to ``model.extras`` (nothing for pre-alignment stages)."""
+
+    def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def visual_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_losses(self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_step(self, model: AstreaModel) -> None:
+        """Called after every optimizer step (no grad)."""
+
+    # -- text ---------------------------------------------------------------------------------------
+    def render(self, sample: dict[str, Any]) -> Rendered | None:
+        return render(sample, self.tasks(), self.ctx.cfg.target_sources, self.ctx.target_options(), self.ctx.stats)
+
+    # -- non-module state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise KeyError(f"stage {self.name} has no state, checkpoint holds {sorted(state)}")
+
+
+def llm_trainable_modules(model: AstreaModel) -> list[nn.Module]:
+    """The LLM parts every stage trains when the config asks (LoRA adapters or the full LLM)."""
+    if model.llm_full_trainable:
+        return [model.llm]
+    if model.llm_lora:
+        return [m for n, m in model.llm.named_modules() if n.split(".")[-1].startswith("lora_")]
+    return []
+
+
+class AlignStage(Stage):
+    """One pre-alignment stage (paper 3.1): train the projector + residual attention of its expert(s).
+
+    ``caption|classification|detection|segmentation`` each train the expert ``cfg.stage_experts[name]``;
+    ``all`` (Tab. 6 "Cap->All") trains every pre-alignment expert no earlier stage trained, at once,
+    their aligned tokens concatenated. Targets are cumulative over the run's stage order. The residual
+    context C_i of a trained expert is the frozen projector output of every expert trained earlier.
+    """
+
+    def __init__(self, ctx: StageContext):
+        super().__init__(ctx)
+        before = ctx.order[: ctx.index]
+        self._earlier_experts = _experts_of(before, ctx.cfg)
+        if ctx.name == "all":
+            self._experts = [e for e in _experts_of(list(PRE_ALIGNMENT_STAGES), ctx.cfg) if e not in self._earlier_experts]
+            if not self._experts:
+                raise TrainError("stage 'all' comes after every pre-alignment stage: nothing left to train")
+        else:
+            self._experts = _experts_of([ctx.name], ctx.cfg)
+        self._tasks = _tasks_of(ctx.order[: ctx.index + 1])
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self._experts)
+
+    @property
+    def context_experts(self) -> list[str]:
+        return list(self._earlier_experts) if self.ctx.cfg.residual.enabled else []
+
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def required_experts(self) -> list[str]:
+        need = list(self._experts) + self.context_experts
+        need += [self.ctx.cfg.target_sources[t] for t in self._tasks if t != "caption"]
+        return list(dict.fromkeys(need))
+
+    def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:
+        mods: list[nn.Module] = [model.projectors[e] for e in self._experts]
+        if self.ctx.cfg.residual.enabled and self.context_experts:
+            mods += [model.residuals[e] for e in self._experts]
+        return mods + llm_trainable_modules(model)
+
+    def visual_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
+        context = []
+        with torch.no_grad():  # C_i: earlier experts' aligned tokens, frozen (computed on the fly)
+            for e in self.context_experts:
+                context.append(model.project(e, batch["tokens"][e]))
+        out = []
+        for e in self._experts:
+            if context:
+                out.append(model.aligned(e, batch["tokens"][e], context))
+            else:
+                out.append(model.project(e, batch["tokens"][e]))
+        return torch.cat(out, dim=1)
+
+
+def _experts_of(stages: list[str], cfg: TrainConfig) -> list[str]:
+    out = []
+    for s in stages:
+        if s == "all":
+            out += [cfg.stage_experts[p] for p in PRE_ALIGNMENT_STAGES if cfg.stage_experts[p] not in out]
+        elif s in PRE_ALIGNMENT_STAGES:
+            out.append(cfg.stage_experts[s])
+    return list(dict.fromkeys(out))
+
+
+def _tasks_of(stages: list[str]) -> list[str]:
+    out: list[str] = []
+    for s in stages:
+        new = [STAGE_TASK[p] for p in PRE_ALIGNMENT_STAGES] if s == "all" else [STAGE_TASK.get(s)]
+        out += [t for t in new if t and t not in out]
+    return out
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+for _name in (*PRE_ALIGNMENT_STAGES, "all"):
+    STAGES.register(_name, AlignStage, help=f"pre-alignment: {_name}")
+
+# Plug-in stages living in their own module; importing it registers the name.
+_PLUGINS = {"main": "astrea.train.main_stage"}
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES and name in _PLUGINS:
+        try:
+            importlib.import_module(_PLUGINS[name])
+        except ModuleNotFoundError as e:
+            if e.name != _PLUGINS[name]:
+                raise
+            raise TrainError(f"stage {name!r} is not available in this install ({_PLUGINS[name]} is missing)") from None
+    return STAGES.get(name)
+
+
+def build_stages(cfg: TrainConfig, specs: dict[str, Any] | None = None) -> list[Stage]:
+    stats = TargetStats()
+    stages = []
+    for i, name in enumerate(cfg.stages):
+        _check_stage_experts(cfg, name)
+        ctx = StageContext(cfg=cfg, name=name, index=i, order=list(cfg.stages), specs=dict(specs or {}), stats=stats)
+        stages.append(stage_class(name)(ctx))
+    return stages
+
+
+def _check_stage_experts(cfg: TrainConfig, name: str) -> None:
+    if name in PRE_ALIGNMENT_STAGES and name not in cfg.stage_experts:
+        raise TrainError(f"config field stage_experts has no expert for stage {name!r}; add stage_experts.{name}")
+    used: dict[str, str] = {}
+    for stage in PRE_ALIGNMENT_STAGES:
+        e = cfg.stage_experts.get(stage)
+        if e is None:
+            continue
+        if e in used:
+            raise TrainError(
+                f"config field stage_experts: expert {e!r} serves both {used[e]!r} and {stage!r}; "
+                "each stage needs its own expert (its projector is frozen after its stage)"
+            )
+        used[e] = stage

@@ -1,0 +1,298 @@
+"""The stage loop: freeze, optimise, log, evaluate held-out L_reg, checkpoint; one stage after another.
+
+Stage-agnostic: everything stage-specific goes through the :class:`~astrea.train.stages.Stage`
+interface. Optimisation follows paper 4.1: AdamW(betas 0.9/0.98, weight decay 0.05), peak lr 1e-4,
+linear warm-up over 15% of the stage's steps then cosine to zero; a fresh optimizer per stage (the
+parameters it trains are new each stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from astrea.train.checkpoint import CheckpointDir, load_optimizer, save_tensors, set_rng_state, write_checkpoint
+from astrea.train.config import TrainConfig
+from astrea.train.data import Collator, Position, Prefetcher, batches, heldout_batches, store_opener
+from astrea.train.distributed import DistInfo, all_gather_ints, all_sum, average_gradients
+from astrea.train.errors import TrainError
+from astrea.train.metrics import Metrics
+from astrea.train.model import AstreaModel
+from astrea.train.stages import Stage
+
+
+def lr_lambda(total: int, warmup: float, schedule: str):
+    warm = int(math.ceil(warmup * total))
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far (LambdaLR's last_epoch)
+        if step < warm:
+            return (step + 1) / warm
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(total - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    last_loss: float | None = None
+    seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+    data_wait_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: AstreaModel,
+        stages: list[Stage],
+        dist: DistInfo,
+        device: torch.device,
+        run_dir: Path,
+        metrics: Metrics,
+    ):
+        self.cfg, self.model, self.stages, self.dist, self.device = cfg, model, stages, dist, device
+        self.run_dir, self.metrics = run_dir, metrics
+        self.ckpt = CheckpointDir(run_dir)
+        self.global_step = 0
+        self.results: list[StageResult] = []
+        self.collators: dict[str, Collator] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        p = self.cfg.precision
+        if p == "fp32" or (p == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        for k in ("input_ids", "attention_mask", "labels"):
+            out[k] = batch[k].to(self.device, non_blocking=True)
+        for k in ("tokens", "pooled"):
+            out[k] = {e: t.to(self.device, non_blocking=True).float() for e, t in batch[k].items()}
+        return out
+
+    def set_trainable(self, stage: Stage) -> list[torch.nn.Parameter]:
+        self.model.requires_grad_(False)
+        for m in stage.trainable_modules(self.model):
+            m.requires_grad_(True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainError(f"stage {stage.name!r} has nothing to train")
+        self.model.train()
+        if not (self.model.llm_full_trainable or self.model.llm_lora):
+            self.model.llm.eval()  # a frozen LLM never runs dropout
+        return params
+
+    def _stream_parts(self, stage: Stage) -> tuple[Any, Collator]:
+        experts = stage.required_experts()
+        if stage.name not in self.collators:
+            self.collators[stage.name] = Collator(
+                stage.render, self.model.tokenizer, experts, self.cfg.dataset.max_text_tokens
+            )
+        opener = store_opener(
+            self.cfg.store, self.cfg.data, experts, seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        return opener, self.collators[stage.name]
+
+    # -- held-out ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def heldout_loss(self, stage: Stage, hb: list[dict[str, Any]]) -> tuple[float | None, int]:
+        was_training = self.model.training
+        self.model.eval()  # residual weights at their expectation, no dropout
+        loss_sum, tokens, samples = 0.0, 0.0, 0.0
+        for b in hb:
+            b = self.to_device(b)
+            with self.autocast():
+                visual = stage.visual_tokens(self.model, b)
+                loss, n = self.model.lm_loss(visual, b["input_ids"], b["attention_mask"], b["labels"])
+            loss_sum += float(loss) * int(n)
+            tokens += int(n)
+            samples += len(b["keys"])
+        loss_sum, tokens, samples = all_sum([loss_sum, tokens, samples], self.device, self.dist.world_size)
+        if was_training:
+            self.model.train()
+            if not (self.model.llm_full_trainable or self.model.llm_lora):
+                self.model.llm.eval()
+        return (loss_sum / tokens if tokens else None), int(samples)
+
+    def log_heldout(self, stage: Stage, step: int, hb: list[dict[str, Any]]) -> float | None:
+        loss, n = self.heldout_loss(stage, hb)
+        if loss is not None:
+            self.metrics.log(
+                {"kind": "heldout", "stage": stage.name, "step": step, "global_step": self.global_step,
+                 "loss_reg": loss, "samples": n}
+            )
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(
+        self, index: int, stage: Stage, step: int, pos: Position, opt, sched, result: StageResult, *, done: bool
+    ) -> None:
+        positions = all_gather_ints([pos.epoch, pos.consumed], self.device, self.dist.world_size)
+        name = f"step-{self.global_step:08d}"
+        tmp = self.ckpt.root / f"{name}.tmp"
+        if self.dist.is_main:
+            self.ckpt.begin(name)
+        self.dist.barrier()
+        state = {
+            "stage_index": index, "stage": stage.name, "step": step, "global_step": self.global_step,
+            "done": done, "positions": positions, "world_size": self.dist.world_size,
+            "scheduler": sched.state_dict(), "hidden_size": self.model.hidden_size,
+            # finished stages + this one (partial unless done): a resumed summary stays complete
+            "results": [r.__dict__ for r in self.results] + [result.__dict__],
+        }
+        write_checkpoint(
+            tmp, rank=self.dist.rank,
+            model_sd=self.model.astrea_state_dict() if self.dist.is_main else None,
+            stage_sd=stage.state_dict(), optimizer=opt, state=state,
+        )
+        self.dist.barrier()
+        if self.dist.is_main:
+            self.ckpt.finish(tmp, name, keep=self.cfg.keep_checkpoints)
+        self.dist.barrier()
+
+    def save_stage(self, stage: Stage, result: StageResult) -> None:
+        if not self.dist.is_main:
+            return
+        d = self.run_dir / "stages" / stage.name
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.model.astrea_state_dict(), d / "model.safetensors")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, resume: dict[str, Any] | None) -> list[StageResult]:
+        start_index = 0
+        if resume is not None:
+            st = resume["state"]
+            self.global_step = st["global_step"]
+            self.results = [StageResult(**r) for r in st.get("results", [])]
+            start_index = st["stage_index"] + (1 if st["done"] else 0)
+            if st["done"] and resume["rng"] is not None:
+                set_rng_state(*resume["rng"])
+        partial = None
+        if resume is not None and not resume["state"]["done"]:
+            partial = self.results.pop()  # the interrupted stage's record continues
+        for i in range(start_index, len(self.stages)):
+            mid = resume if (partial is not None and i == start_index) else None
+            self.results.append(self.run_stage(i, mid, partial if mid else None))
+        return self.results
+
+    def run_stage(self, index: int, resume: dict[str, Any] | None, partial: StageResult | None = None) -> StageResult:
+        stage = self.stages[index]
+        cfg, o = self.cfg, self.cfg.optim
+        total = cfg.steps_for(stage.name)
+        params = self.set_trainable(stage)
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, o.warmup, o.schedule))
+        opener, collator = self._stream_parts(stage)
+        per_rank = max(cfg.dataset.heldout_max // self.dist.world_size, 1)
+        hb = heldout_batches(
+            opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction, max_samples=per_rank
+        )
+        result = StageResult(stage.name, total)
+        step, pos = 0, Position()
+        if resume is not None:
+            st = resume["state"]
+            step = st["step"]
+            pos = Position(*st["positions"][self.dist.rank])
+            load_optimizer(opt, resume["optim"], st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            stage.load_state_dict(resume["stage"])
+            if partial is not None:
+                result = partial
+            if resume["rng"] is not None:
+                set_rng_state(*resume["rng"])
+        else:
+            result.heldout_before = self.log_heldout(stage, 0, hb)
+        stream = Prefetcher(
+            batches(opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction,
+                    shuffle=cfg.dataset.shuffle, start=pos),
+            cfg.dataset.prefetch,
+        )
+        self.metrics.start_bar(stage.name, total, step)
+        t_log, wait_log, samples_log, tokens_log = time.perf_counter(), 0.0, 0, 0
+        t_stage, seconds_before = time.perf_counter(), result.seconds
+        try:
+            while step < total:
+                loss_reg_acc, extras_acc = 0.0, {}
+                for _ in range(o.grad_accum):
+                    t0 = time.perf_counter()
+                    batch, pos = next(stream)
+                    wait = time.perf_counter() - t0
+                    wait_log += wait
+                    result.data_wait_s += wait
+                    b = self.to_device(batch)
+                    with self.autocast():
+                        visual = stage.visual_tokens(self.model, b)
+                        loss_reg, _ = self.model.lm_loss(visual, b["input_ids"], b["attention_mask"], b["labels"])
+                        extras = stage.extra_losses(self.model, b, visual)
+                    loss = loss_reg + sum(extras.values()) if extras else loss_reg
+                    (loss / o.grad_accum).backward()
+                    loss_reg_acc += float(loss_reg.detach()) / o.grad_accum
+                    for k, v in extras.items():
+                        extras_acc[k] = extras_acc.get(k, 0.0) + float(v.detach()) / o.grad_accum
+                    n_tok = visual.shape[1] * len(b["keys"]) + int(b["attention_mask"].sum())
+                    samples_log += len(b["keys"])
+                    tokens_log += n_tok
+                    result.samples += len(b["keys"])
+                    result.tokens += n_tok
+                average_gradients(params, self.dist.world_size)
+                if o.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                stage.after_step(self.model)
+                step += 1
+                self.global_step += 1
+                vals = all_sum([loss_reg_acc, *extras_acc.values()], self.device, self.dist.world_size)
+                vals = [v / self.dist.world_size for v in vals]
+                result.last_loss = vals[0] + sum(vals[1:])
+                if step % cfg.log_every == 0 or step == total:
+                    dt = time.perf_counter() - t_log
+                    row = {
+                        "kind": "train", "stage": stage.name, "step": step, "global_step": self.global_step,
+                        "loss": result.last_loss, "loss_reg": vals[0],
+                        **{f"loss_{k}": v for k, v in zip(extras_acc, vals[1:], strict=True)},
+                        "lr": lr,
+                        "samples_per_s": samples_log * self.dist.world_size / dt,
+                        "tokens_per_s": tokens_log * self.dist.world_size / dt,
+                        "data_wait": wait_log / dt,
+                    }
+                    self.metrics.log(row)
+                    self.metrics.bar(
+                        cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every,
+                        loss=row["loss"], lr=lr, sps=row["samples_per_s"], wait=row["data_wait"],
+                    )
+                    t_log, wait_log, samples_log, tokens_log = time.perf_counter(), 0.0, 0, 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    self.log_heldout(stage, step, hb)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    result.seconds = seconds_before + time.perf_counter() - t_stage
+                    self.save(index, stage, step, pos, opt, sched, result, done=False)
+        finally:
+            stream.close()
+            self.metrics.close_bar()
+        result.seconds = seconds_before + time.perf_counter() - t_stage
+        result.heldout_after = self.log_heldout(stage, total, hb)
+        result.extra = {"skipped_records": collator.skipped, "truncated_targets": collator.truncated}
+        self.save_stage(stage, result)
+        self.save(index, stage, total, pos, opt, sched, result, done=True)
+        return result
