@@ -74,9 +74,8 @@ def _prompt_table(store_root: str, dataset: str, prereqs: dict[str, str], shard:
     table: dict[str, dict] = {}
     for name, ref in prereqs.items():
         edir = store.resolve(dataset, ref)
-        for rec in edir.iter_unit(shard):
-            if getattr(rec, "error", None) is None and getattr(rec, "status", "ok") in ("ok", None):
-                table.setdefault(rec.key, {})[name] = rec.outputs
+        for rec in edir.iter_unit(shard, include_failed=False):
+            table.setdefault(rec.key, {})[name] = rec.outputs
     return table
 
 

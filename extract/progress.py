@@ -25,6 +25,9 @@ class Progress:
         if not ok:
             self.failed += 1
         if self.bar is not None:
+            if self.bar.n == 0:
+                # Rate from the first result on: worker start-up (model load) is not throughput.
+                self.bar.start_t = self.bar.last_print_t = self.bar._time()
             self.bar.update(1)
             if not ok:
                 self._postfix()

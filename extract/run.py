@@ -151,6 +151,10 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
+def _reason(e: BaseException) -> str:
+    return str(e.args[0] if e.args else e)[:300]
+
+
 def _dir_bytes(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -371,21 +375,32 @@ class ExpertJob:
         if st.writer is None:
             st.writer = self.edir.open_unit(st.name)
         labels = json.loads(r["labels"]) if r.get("labels") else None
-        if r["error"]:
-            st.writer.add_failure(r["key"], r["error"], caption=r.get("caption"), labels=labels)
+        key, error = r["key"], r["error"]
+        if not error:
+            try:
+                tokens, pooled = result_arrays(r, self.spec)
+                st.writer.add(key, tokens, pooled, json.loads(r["outputs"] or "{}"), caption=r.get("caption"),
+                              labels=labels)
+            except ValueError as e:  # a key the store cannot hold ('/', '..', duplicates): a per-key failure
+                error = f"invalid key: {_reason(e)}"
+        if error:
+            try:
+                st.writer.add_failure(key, error, caption=r.get("caption"), labels=labels)
+            except ValueError:
+                # The key itself is unusable as a store key: record the failure under a deterministic
+                # stand-in (the same for every expert), so the count and the reason survive.
+                st.writer.add_failure(f"invalid-key-{r['index']:06d}", f"invalid key {key!r}: {error}",
+                                      caption=r.get("caption"), labels=labels)
             st.failed += 1
-            kind = reason_kind(r["error"])
+            kind = reason_kind(error)
             st.reasons[kind] = st.reasons.get(kind, 0) + 1
         else:
             if r.get("storage_error"):
                 for k, v in json.loads(r["storage_error"]).items():
                     st.storage_error[k] = v + st.storage_error.get(k, 0) if k == "nonfinite" else max(
                         v, st.storage_error.get(k, 0.0))
-            tokens, pooled = result_arrays(r, self.spec)
-            st.writer.add(r["key"], tokens, pooled, json.loads(r["outputs"] or "{}"), caption=r.get("caption"),
-                          labels=labels)
             st.ok += 1
-        bar.image(ok=not r["error"])
+        bar.image(ok=not error)
 
     def _finish(self, st: UnitState, bar: Any) -> None:
         if st.shard_error:

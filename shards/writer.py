@@ -107,6 +107,7 @@ class UnitWriter(ABC):
             self._nonfinite += 1  # kept (the values are what the expert produced) but counted in stats
         index = self._n_ok
         self._write(index, key, t, p, out)
+        self._keys.add(key)  # only now: a rejected row leaves no trace
         self._n_ok += 1
         self._rows.append({
             "key": key, "status": STATUS_OK, "error": None, "caption": caption, "labels": _labels(labels),
@@ -118,6 +119,7 @@ class UnitWriter(ABC):
                     labels: dict[str, Any] | None = None) -> None:
         """Record a key that produced no features. It gets an index row (status=failed) and no array row."""
         self._new_key(key)
+        self._keys.add(key)
         self._rows.append({
             "key": key, "status": STATUS_FAILED, "error": str(reason) or "unknown", "caption": caption,
             "labels": _labels(labels), "index": None, "tokens_shape": None, "pooled_shape": None, "checksum": None,
@@ -210,7 +212,6 @@ class UnitWriter(ABC):
         if key in self._keys:
             raise ValueError(f"{self._where()}: key {key!r} was added twice; keys must be unique within a unit "
                              "(the store joins experts by key)")
-        self._keys.add(key)
 
     def _index_bytes(self) -> bytes:
         table = pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA) if self._rows else INDEX_SCHEMA.empty_table()

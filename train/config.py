@@ -243,6 +243,11 @@ def _build(cls: type, d: dict[str, Any], *, prefix: str, source: str) -> Any:
     kwargs = {}
     for name, value in d.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+        f = fields[name]
+        if typing.get_origin(hints[name]) is dict and f.default_factory is not dataclasses.MISSING:
+            # Maps with defaults (stage_experts, target_sources) are merged: naming one stage's expert
+            # keeps the others.
+            kwargs[name] = {**f.default_factory(), **kwargs[name]}
     return cls(**kwargs)
 
 

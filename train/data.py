@@ -4,7 +4,7 @@
   it splits shards by rank, so ranks read disjoint data.
 - Held-out split: a key is held out when a hash of it falls under ``heldout_fraction``; the same keys
   in every run, stage and world size, without a second pass over the store.
-- The stream is endless (epoch after epoch, reshuffled with ``seed + epoch``) so every rank runs the
+- The stream is endless (epoch after epoch, reshuffled per epoch (``JoinedDataset.set_epoch``)) so every rank runs the
   same number of steps whatever its share of shards; its :class:`Position` (epoch, records drawn from
   that epoch) is checkpointed, and a resumed stream skips exactly that many records.
 - A background thread reads and collates ``prefetch`` batches ahead; the trainer times how long it
@@ -44,9 +44,9 @@ def store_opener(
     def open_epoch(epoch: int, shuffle: bool) -> Iterable[dict[str, Any]]:
         from astrea.shards import JoinedDataset, Store
 
-        return JoinedDataset(
-            Store(store), dataset, experts=experts, shuffle=shuffle, seed=seed + epoch, rank=rank, world_size=world_size
-        )
+        ds = JoinedDataset(Store(store), dataset, experts, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        ds.set_epoch(epoch)
+        return ds
 
     return open_epoch
 

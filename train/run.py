@@ -81,15 +81,13 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         _check_same_store(saved, specs)
 
     # -- model: same initial weights on every rank, then per-rank RNG for the residual draws ---------
+    if saved is not None and cfg.llm.name == TINY and saved["llm"]["hidden_size"] != cfg.llm.hidden_size:
+        _hidden_size_error(saved, f"tiny-random with llm.hidden_size={cfg.llm.hidden_size}", cfg.llm.hidden_size)
     _seed(cfg.seed)
     llm_dir = run_dir / "llm"
     llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None)
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
-        raise TrainError(
-            f"--resume: the run was trained with an LLM of hidden size {saved['llm']['hidden_size']} "
-            f"({saved['llm']['source']}), this config loads {llm.source} with hidden size {llm.hidden_size}; "
-            "resume with the same --llm or start a new --out"
-        )
+        _hidden_size_error(saved, llm.source, llm.hidden_size)
     model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
     for s in stages:
         s.build(model)
@@ -152,6 +150,14 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _hidden_size_error(saved: dict[str, Any], what: str, hidden: int) -> None:
+    raise TrainError(
+        f"--resume: the run was trained with an LLM of hidden size {saved['llm']['hidden_size']} "
+        f"({saved['llm']['source']}), this config loads {what} with hidden size {hidden}; the projectors "
+        "cannot be reused. Resume with the same --llm, or start a new --out"
+    )
 
 
 def _device(name: str) -> torch.device:

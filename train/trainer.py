@@ -20,7 +20,7 @@ import torch
 from astrea.train.checkpoint import CheckpointDir, load_optimizer, save_tensors, set_rng_state, write_checkpoint
 from astrea.train.config import TrainConfig
 from astrea.train.data import Collator, Position, Prefetcher, batches, heldout_batches, store_opener
-from astrea.train.distributed import DistInfo, all_gather_ints, all_sum, average_gradients
+from astrea.train.distributed import DistInfo, all_gather_floats, all_gather_ints, all_sum, average_gradients
 from astrea.train.errors import TrainError
 from astrea.train.metrics import Metrics
 from astrea.train.model import AstreaModel
@@ -140,6 +140,15 @@ class Trainer:
                  "loss_reg": loss, "samples": n}
             )
         return loss
+
+    @torch.no_grad()
+    def check_ranks_in_sync(self, stage: Stage, params: list[torch.nn.Parameter]) -> list[float]:
+        """Sum of the trained parameters on every rank; ranks that drifted apart are an error."""
+        local = float(sum(p.detach().double().sum() for p in params))
+        sums = [v[0] for v in all_gather_floats([local], self.device, self.dist.world_size)]
+        if max(sums) - min(sums) > 1e-6 * max(1.0, max(abs(v) for v in sums)):
+            raise TrainError(f"stage {stage.name}: ranks hold different weights {sums}; gradients were not averaged")
+        return sums
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(
@@ -292,7 +301,11 @@ class Trainer:
             self.metrics.close_bar()
         result.seconds = seconds_before + time.perf_counter() - t_stage
         result.heldout_after = self.log_heldout(stage, total, hb)
-        result.extra = {"skipped_records": collator.skipped, "truncated_targets": collator.truncated}
+        result.extra = {
+            "skipped_records": collator.skipped,
+            "truncated_targets": collator.truncated,
+            "rank_param_checksums": self.check_ranks_in_sync(stage, params),
+        }
         self.save_stage(stage, result)
         self.save(index, stage, total, pos, opt, sched, result, done=True)
         return result

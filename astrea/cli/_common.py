@@ -21,7 +21,9 @@ def user_errors(fn: F) -> F:
     from astrea.registry import UnknownNameError
     from astrea.schemas import SpecError
 
-    known: tuple[type[BaseException], ...] = (AstreaError, UnknownNameError, SpecError, FileNotFoundError)
+    from astrea.shards.errors import StoreError
+
+    known: tuple[type[BaseException], ...] = (AstreaError, UnknownNameError, SpecError, StoreError, FileNotFoundError)
     try:
         from astrea.extract.experts.base import BadImageError, WeightsUnavailableError
 

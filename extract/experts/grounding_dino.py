@@ -382,6 +382,16 @@ def encoder_level_shapes(h: int, w: int, num_levels: int = 4) -> list[tuple[int,
     return shapes[:num_levels]
 
 
+def _resample_name(resample: Any) -> str:
+    """PIL resampling as a name: configs hold it as an int (2) or an enum, both mean 'bilinear'."""
+    from transformers.image_utils import PILImageResampling
+
+    try:
+        return PILImageResampling(int(resample)).name.lower()
+    except (TypeError, ValueError):
+        return str(getattr(resample, "name", resample)).lower()
+
+
 class GroundingDinoPreprocessor:
     """``preprocess`` on its own: the reference image processor plus the size check, no weights."""
 
@@ -456,7 +466,7 @@ class GroundingDinoExpert(Expert):
             "input": "RGB PIL image (grayscale/CMYK/alpha/16-bit converted by astrea.extract.experts.common)",
             "processor": "transformers GroundingDinoImageProcessor (TorchvisionBackend)",
             "size": {k: int(x) for k, x in dict(ip.size).items() if x is not None},
-            "resample": str(getattr(ip.resample, "name", ip.resample)).lower(),
+            "resample": _resample_name(ip.resample),
             "rescale_factor": float(ip.rescale_factor),
             "mean": [float(x) for x in ip.image_mean],
             "std": [float(x) for x in ip.image_std],

@@ -1,0 +1,290 @@
+"""sam2 expert: parity with ``SAM2ImagePredictor`` on the same random weights (preprocessing,
+image embedding, box- and point-prompted masks), RLE, prompts, batching, dtypes, weight loading.
+Test size: the real hiera-tiny architecture at 256 px, random weights (labelled as such)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from astrea.extract.experts import rle
+from astrea.extract.experts import sam2 as sam2_expert
+from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
+from astrea.extract.experts.common import storage_error
+from astrea.extract.experts.registry import ExpertConfig
+
+SMALL = sam2_expert.DEFAULT_SMALL
+S = 256  # image size of the small variant; embedding S/16 = 16, native mask size S/4 = 64
+
+
+def _img(w: int = 150, h: int = 97, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    # smooth blobs rather than pure noise so masks have some structure
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (7 + 3 * c) + seed) * np.cos(yy / (5 + 2 * c)) for c in range(3)], -1)
+    arr = (base * 100 + 128 + rng.normal(0, 10, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def expert():
+    return ExpertConfig("sam2", arch=SMALL, grid=16).build()
+
+
+@pytest.fixture(scope="module")
+def predictor(expert):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    p = SAM2ImagePredictor(expert.model)
+    # The predictor hard-codes the 1024 px feature sizes; at 256 px they are a quarter of those.
+    p._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]
+    return p
+
+
+def test_preprocessing_is_bit_exact_with_sam2_transforms(expert, predictor):
+    for img in (_img(), _img(40, 300, seed=1), _img(S, S, seed=2)):
+        x = expert.preprocess(img)
+        ref = predictor._transforms(np.asarray(img))
+        assert x.shape == (3, S, S) and torch.equal(x, ref)
+
+
+def test_image_embedding_matches_predictor(expert, predictor):
+    img = _img()
+    predictor.set_image(np.asarray(img))
+    ref = predictor.get_image_embedding()[0]  # [256, 16, 16]
+    out = expert.forward(expert.preprocess(img)[None])[0]
+    # grid == embedding size: tokens are the embedding itself, row-major
+    np.testing.assert_allclose(out.tokens, ref.flatten(1).T.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.pooled, ref.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-5)
+    assert expert.spec.weights_sha256 == state_dict_sha256(predictor.model)
+
+
+def test_box_masks_match_predictor(expert, predictor):
+    """Image at the mask size (64 px) so the predictor's masks come back at the same resolution."""
+    img = _img(64, 64, seed=3)
+    boxes = [[0.1, 0.2, 0.6, 0.9], [0.4, 0.05, 0.95, 0.5]]
+    det = {"boxes": boxes, "labels": ["cat", "dog"], "scores": [0.9, 0.4]}
+    out = expert.forward(expert.preprocess(img)[None], [{"grounding_dino": det}])[0].outputs
+    assert out["prompt"] == "boxes"
+    predictor.set_image(np.asarray(img))
+    # normalize_coords=False: the predictor takes [0, 1] boxes and scales them by the input size
+    ref_masks, ref_scores, _ = predictor.predict(box=np.array(boxes), multimask_output=False, normalize_coords=False)
+    by_label = {m["label"]: m for m in out["masks"]}
+    assert len(out["masks"]) == sum(int(m.sum() > 0) for m in ref_masks[:, 0])
+    for j, label in enumerate(["cat", "dog"]):
+        if ref_masks[j, 0].sum() == 0:
+            continue
+        m = by_label[label]
+        mask = rle.decode(m["rle"])
+        assert mask.shape == (64, 64)
+        assert np.array_equal(mask, ref_masks[j, 0] > 0)
+        assert m["area"] == int(mask.sum())
+        np.testing.assert_allclose(m["score"], ref_scores[j, 0], rtol=1e-5, atol=1e-6)
+    # single box through the predictor's unbatched path too
+    ref1, s1, _ = predictor.predict(box=np.array(boxes[0]), multimask_output=False, normalize_coords=False)
+    if ref1[0].sum():
+        assert np.array_equal(rle.decode(by_label["cat"]["rle"]), ref1[0] > 0)
+
+
+def test_point_grid_mask_matches_predictor_best_of_three():
+    e = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 1, "score_threshold": 0.0}).build()
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    p = SAM2ImagePredictor(e.model)
+    p._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]
+    img = _img(64, 64, seed=4)
+    out = e.forward(e.preprocess(img)[None])[0].outputs
+    assert out["prompt"] == "points"
+    p.set_image(np.asarray(img))
+    masks, scores, _ = p.predict(
+        point_coords=np.array([[0.5, 0.5]]), point_labels=np.array([1]), multimask_output=True, normalize_coords=False
+    )
+    best = int(np.argmax(scores))
+    if masks[best].sum() == 0:
+        assert out["masks"] == []
+    else:
+        assert len(out["masks"]) == 1
+        assert np.array_equal(rle.decode(out["masks"][0]["rle"]), masks[best] > 0)
+        np.testing.assert_allclose(out["masks"][0]["score"], scores[best], rtol=1e-5)
+
+
+def test_outputs_follow_the_store_contract(expert):
+    out = expert.forward(expert.preprocess(_img())[None])[0].outputs
+    assert set(out) >= {"masks", "prompt"}
+    import json
+
+    json.dumps(out)  # JSON-serialisable
+    for m in out["masks"]:
+        assert set(m) == {"rle", "score", "area", "box", "label"}
+        assert m["rle"]["size"] == [64, 64] and isinstance(m["rle"]["counts"], str)
+        assert 0.0 <= m["box"][0] < m["box"][2] <= 1.0 and 0.0 <= m["box"][1] < m["box"][3] <= 1.0
+        assert m["area"] == rle.area(m["rle"]) and m["area"] >= 1
+        assert m["score"] >= expert.opts.score_threshold
+    assert len(out["masks"]) <= expert.opts.max_masks
+
+
+def test_grid_nms_and_caps():
+    e = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 3, "score_threshold": 0.0,
+                                                         "nms_iou": 1.0, "max_masks": 4}).build()
+    x = e.preprocess(_img())[None]
+    out = e.forward(x)[0].outputs["masks"]
+    assert 1 <= len(out) <= 4
+    scores = [m["score"] for m in out]
+    assert scores == sorted(scores, reverse=True)
+    strict = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 3, "score_threshold": 0.0,
+                                                              "nms_iou": 0.01, "max_masks": 9}).build()
+    masks = [rle.decode(m["rle"]) for m in strict.forward(x)[0].outputs["masks"]]
+    for i in range(len(masks)):
+        for j in range(i):
+            inter = np.logical_and(masks[i], masks[j]).sum()
+            assert inter / np.logical_or(masks[i], masks[j]).sum() <= 0.01
+
+
+def test_box_prompt_edge_cases(expert):
+    x = expert.preprocess(_img())[None]
+    empty = expert.forward(x, [{"grounding_dino": {"boxes": [], "labels": [], "scores": []}}])[0].outputs
+    assert empty == {"masks": [], "prompt": "boxes"}
+    bad = {"boxes": [[0.5, 0.5, 0.2, 0.9], "nope", [0.1, 0.1, 0.4, float("nan")], [0.1, 0.1, 0.8, 0.8]],
+           "labels": ["a", "b", "c", "d"], "scores": [0.9, 0.8, 0.7, 0.6]}
+    out = expert.forward(x, [{"grounding_dino": bad}])[0].outputs
+    assert out["skipped_boxes"] == 3
+    assert [m["label"] for m in out["masks"]] in (["d"], [])
+    # prompts for a mixed batch: None and {} fall back to the point grid
+    outs = expert.forward(torch.cat([x, x]), [None, {}])
+    assert [o.outputs["prompt"] for o in outs] == ["points", "points"]
+    with pytest.raises(ValueError, match="2 prompts for a batch of 1"):
+        expert.forward(x, [None, None])
+
+
+def test_max_boxes_keeps_highest_scores():
+    boxes, labels, skipped = sam2_expert.Sam2Expert._read_boxes(
+        {"boxes": [[0, 0, 0.5, 0.5], [0.1, 0.1, 0.9, 0.9], [0.2, 0.2, 0.3, 0.3]], "labels": ["x", "y", "z"],
+         "scores": [0.2, 0.9, 0.5]}, max_boxes=2)
+    assert labels == ["y", "z"] and skipped == 0 and boxes[0] == [0.1, 0.1, 0.9, 0.9]
+
+
+def test_batched_equals_unbatched(expert):
+    xs = torch.stack([expert.preprocess(_img(seed=i, w=60 + 50 * i)) for i in range(2)])
+    prompts = [{"grounding_dino": {"boxes": [[0.1, 0.1, 0.7, 0.8]], "labels": ["a"], "scores": [1.0]}}, None]
+    batched = expert.forward(xs, prompts)
+    for i in range(2):
+        single = expert.forward(xs[i : i + 1], prompts[i : i + 1])[0]
+        np.testing.assert_allclose(batched[i].tokens, single.tokens, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched[i].pooled, single.pooled, rtol=1e-4, atol=1e-5)
+        assert len(batched[i].outputs["masks"]) == len(single.outputs["masks"])
+        for a, b in zip(batched[i].outputs["masks"], single.outputs["masks"]):
+            # a logit within float noise of 0 may flip a pixel between batch layouts; allow 0.1 %
+            da, db = rle.decode(a["rle"]), rle.decode(b["rle"])
+            assert np.mean(da != db) <= 1e-3
+
+
+def test_grid_resampling_and_spec():
+    e8 = ExpertConfig("sam2", arch=SMALL, grid=8).build(prerequisites={"grounding_dino": "abc123def456"})
+    s = e8.spec
+    assert (s.token_dim, s.pooled_dim, s.grid) == (256, 256, 8)
+    assert s.prerequisites == {"grounding_dino": "abc123def456"}
+    assert s.preprocessing["size"] == [S, S] and s.preprocessing["interpolation"] == "bilinear"
+    assert s.config["mask_size"] == 64 and s.config["points_per_side"] == 4
+    other = ExpertConfig("sam2", arch=SMALL, grid=8, options={"points_per_side": 2}).build()
+    assert other.spec.fingerprint() != ExpertConfig("sam2", arch=SMALL, grid=8).build().spec.fingerprint()
+    with pytest.raises(ValueError, match="unknown prerequisites"):
+        ExpertConfig("sam2", arch=SMALL).build(prerequisites={"ram_plus": "x"})
+
+
+def test_option_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"unknown options \['point_per_side'\]"):
+        ExpertConfig("sam2", arch=SMALL, options={"point_per_side": 3}).build()
+    with pytest.raises(ValueError, match="nms_iou"):
+        ExpertConfig("sam2", arch=SMALL, options={"nms_iou": 0.0}).build()
+
+
+def test_bfloat16_autocast_on_cpu(expert):
+    e16 = ExpertConfig("sam2", arch=SMALL, grid=16, compute_dtype="bfloat16").build()
+    assert e16.spec.weights_sha256 == expert.spec.weights_sha256
+    assert e16.spec.fingerprint() != expert.spec.fingerprint()
+    x = expert.preprocess(_img())[None]
+    a, b = expert.forward(x)[0], e16.forward(x)[0]
+    assert np.isfinite(b.tokens).all() and b.tokens.dtype == np.float32
+    cos = float(np.dot(a.pooled, b.pooled) / np.linalg.norm(a.pooled) / np.linalg.norm(b.pooled))
+    assert cos > 0.98, cos
+
+
+def test_fp16_storage_error_reported(expert):
+    out = expert.forward(expert.preprocess(_img())[None])[0]
+    for dtype, bound in (("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
+        err = storage_error(out.tokens, dtype)
+        print(f"sam2 {SMALL} tokens stored as {dtype}: {err}")
+        assert err["nonfinite"] == 0 and 0 < err["max_rel"] <= bound * 1.0001
+
+
+def test_local_checkpoint_roundtrip(tmp_path):
+    ref = sam2_expert._build_model(sam2_expert._ARCHS[SMALL], seed=7)
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": ref.state_dict()}, path)
+    for weights in (str(path), str(tmp_path)):  # a file, or a directory holding the hub file name
+        e = ExpertConfig("sam2", arch=SMALL, weights=weights).build()
+        assert e.spec.weights_sha256 == state_dict_sha256(ref) and not e.spec.random_weights
+    sd = ref.state_dict()
+    sd.pop(next(iter(sd)))
+    torch.save({"model": sd}, tmp_path / "broken.pt")
+    with pytest.raises(WeightsUnavailableError, match="1 missing keys"):
+        ExpertConfig("sam2", arch=SMALL, weights=str(tmp_path / "broken.pt")).build()
+
+
+def test_weights_errors_are_clear():
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        ExpertConfig("sam2", arch=SMALL, weights="/no/such/sam2.pt").build()
+    with pytest.raises(WeightsUnavailableError, match="test-size model"):
+        ExpertConfig("sam2", arch=SMALL, weights="facebook/sam2.1-hiera-tiny").build()
+    with pytest.raises(WeightsUnavailableError, match="pass arch sam2.hiera_large"):
+        ExpertConfig("sam2", arch="sam2.hiera_tiny", weights="facebook/sam2.1-hiera-large").build()
+    # conftest sets HF_HUB_OFFLINE=1: one clear error that says how to provide the weights
+    with pytest.raises(WeightsUnavailableError, match="--weights"):
+        ExpertConfig("sam2", arch="sam2.hiera_tiny", weights="facebook/sam2.1-hiera-tiny").build()
+
+
+# ---------------------------------------------------------------------------------------------- RLE
+
+
+def test_rle_counts_match_sam2_reference_and_roundtrip():
+    from sam2.utils.amg import mask_to_rle_pytorch
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((13, 7)) > 0.5, np.zeros((5, 4), bool), np.ones((3, 9), bool)]
+    big = np.zeros((200, 300), bool)
+    big[20:150, 40:260] = True  # long runs: multi-group and negative deltas in the string encoding
+    big[60:70, 100:120] = False
+    masks.append(big)
+    for m in masks:
+        ref = mask_to_rle_pytorch(torch.from_numpy(m)[None])[0]
+        assert rle.mask_to_counts(m) == ref["counts"]
+        enc = rle.encode(m)
+        assert enc["size"] == list(m.shape)
+        assert rle.string_to_counts(enc["counts"]) == ref["counts"]
+        assert np.array_equal(rle.decode(enc), m)
+        assert np.array_equal(rle.decode({"size": list(m.shape), "counts": ref["counts"]}), m)
+        assert rle.area(enc) == int(m.sum())
+
+
+def test_rle_known_strings():
+    # hand-computed with maskApi.c's rleToString (5-bit groups + 48, delta to count i-2 from i=3 on)
+    assert rle.encode(np.zeros((2, 2), bool))["counts"] == "4"
+    center = np.zeros((3, 3), bool)
+    center[1, 1] = True
+    assert rle.encode(center)["counts"] == "414"
+    assert rle.counts_to_string([0, 40, 10, 5]) == "0X1:mN"
+    with pytest.raises(ValueError, match="expected 3x3"):
+        rle.decode({"size": [3, 3], "counts": "4"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [n for n, v in sam2_expert.VARIANTS.items() if not v.small])
+def test_real_size_shapes(arch):
+    e = ExpertConfig("sam2", arch=arch, grid=24, options={"points_per_side": 2}).build()
+    x = e.preprocess(_img(500, 300))
+    assert tuple(x.shape) == (3, 1024, 1024)
+    out = e.forward(x[None])[0]
+    assert out.tokens.shape == (576, 256) and out.pooled.shape == (256,)
+    assert all(m["rle"]["size"] == [256, 256] for m in out.outputs["masks"])
