@@ -1,13 +1,16 @@
 """The three Ray Data stages of one expert's extraction, and the table layout between them.
 
-    read (CPU task per source shard, streams chunks)  ->  decode + preprocess (CPU tasks)
+    read (CPU task per source shard, streams windows)  ->  decode + preprocess (CPU tasks)
       ->  expert forward (actor pool, one GPU each)  ->  driver: per-shard ordered writer + commit
 
-Rows are keyed by ``(shard, index)``; every shard ends with one *end row* (``end=True``,
-``index = number of samples``) that flows through all stages, so the writer knows when a unit is
-complete, and learns a source shard that could not be read (``shard_error``) without guessing.
-Arrays travel as raw bytes (``large_binary``) with their shape: no pickles, no Arrow tensor
-extension quirks with ragged shapes, and failed rows simply carry empty bytes.
+A row is a *window*: up to ``batch_size`` consecutive samples of one shard, which becomes exactly one
+forward call. Fixing forward batches by position in the shard (not by how Ray happens to bundle rows)
+makes the stored bytes reproducible across runs, kills and resumes: some experts' kernels differ in
+the last bit between batch sizes (measured: grounding_dino, 6e-7 in fp32). Every shard ends with one
+*end row* (``end=True``, ``start`` = number of samples) that flows through all stages, so the writer
+knows when a unit is complete, and learns of a source shard that could not be read (``shard_error``).
+Arrays travel as raw bytes with their shape: no pickles, no tensor-extension quirks with ragged
+shapes, and failed samples simply carry no bytes.
 """
 
 from __future__ import annotations
@@ -20,30 +23,22 @@ import numpy as np
 import pyarrow as pa
 
 MAX_PREPROCESSOR_BYTES = 8 * 2**20
-CHUNK_ROWS = 32  # rows per block the reader yields: small blocks keep the pipeline streaming
+WINDOWS_PER_BLOCK = 4  # the reader yields a few windows per block: the pipeline streams within a shard
 
-READ_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("index", pa.int64()), ("key", pa.string()), ("end", pa.bool_()),
-    ("shard_error", pa.string()), ("error", pa.string()), ("image", pa.large_binary()),
-    ("caption", pa.string()), ("labels", pa.string()), ("prompts", pa.string()),
+SAMPLE = pa.struct([
+    ("key", pa.string()), ("error", pa.string()), ("image", pa.large_binary()), ("caption", pa.string()),
+    ("labels", pa.string()), ("prompts", pa.string()), ("pixels", pa.large_binary()),
+    ("pshape", pa.list_(pa.int32())), ("tokens", pa.large_binary()), ("pooled", pa.large_binary()),
+    ("outputs", pa.string()), ("storage_error", pa.string()),
 ])
-PIXEL_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("index", pa.int64()), ("key", pa.string()), ("end", pa.bool_()),
-    ("shard_error", pa.string()), ("error", pa.string()), ("image", pa.large_binary()),
-    ("pixels", pa.large_binary()), ("pshape", pa.list_(pa.int32())),
-    ("caption", pa.string()), ("labels", pa.string()), ("prompts", pa.string()),
-])
-RESULT_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("index", pa.int64()), ("key", pa.string()), ("end", pa.bool_()),
-    ("shard_error", pa.string()), ("error", pa.string()),
-    ("tokens", pa.large_binary()), ("pooled", pa.large_binary()), ("array_dtype", pa.string()),
-    ("outputs", pa.string()), ("caption", pa.string()), ("labels", pa.string()),
-    ("storage_error", pa.string()),
+WINDOW_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("start", pa.int64()), ("end", pa.bool_()), ("shard_error", pa.string()),
+    ("array_dtype", pa.string()), ("samples", pa.large_list(SAMPLE)),
 ])
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{f: r.get(f) for f in WINDOW_SCHEMA.names} for r in rows], schema=WINDOW_SCHEMA)
 
 
 def _reason(e: BaseException) -> str:
@@ -80,10 +75,10 @@ def _prompt_table(store_root: str, dataset: str, prereqs: dict[str, str], shard:
 
 
 def read_shards(batch: pa.Table, *, data: str, source_format: str | None, store_root: str, dataset: str,
-                prereqs: dict[str, str]) -> Iterator[pa.Table]:
-    """Shard names in, that shard's samples out (in source order, chunked), then its end row."""
+                prereqs: dict[str, str], window: int) -> Iterator[pa.Table]:
+    """Shard names in; that shard's samples out as windows (source order), then its end row."""
     for shard in batch.column("shard").to_pylist():
-        index, rows = 0, []
+        index, samples, out = 0, [], []
         try:
             src = _source(data, source_format)
             by_name = {s.name: s for s in src.shards()}
@@ -92,21 +87,25 @@ def read_shards(batch: pa.Table, *, data: str, source_format: str | None, store_
             prompts = _prompt_table(store_root, dataset, prereqs, shard)
             for sample in by_name[shard]:
                 p = prompts.get(sample.key, {}) if prereqs else None
-                rows.append({
-                    "shard": shard, "index": index, "key": sample.key, "end": False,
-                    "error": sample.error, "image": sample.image, "caption": sample.caption,
-                    "labels": json.dumps(sample.labels or {}, sort_keys=True),
+                samples.append({
+                    "key": sample.key, "error": sample.error, "image": sample.image, "caption": sample.caption,
+                    "labels": json.dumps(sample.labels or {}, sort_keys=True, default=str),
                     "prompts": None if p is None else json.dumps(p),
                 })
                 index += 1
-                if len(rows) >= CHUNK_ROWS:
-                    yield _table(rows, READ_SCHEMA)
-                    rows = []
-            end = {"shard": shard, "index": index, "end": True}
+                if len(samples) == window:
+                    out.append({"shard": shard, "start": index - len(samples), "end": False, "samples": samples})
+                    samples = []
+                    if len(out) >= WINDOWS_PER_BLOCK:
+                        yield _table(out)
+                        out = []
+            if samples:
+                out.append({"shard": shard, "start": index - len(samples), "end": False, "samples": samples})
+            end = {"shard": shard, "start": index, "end": True, "samples": []}
         except Exception as e:  # unreadable shard (truncated tar, I/O error): reported, not committed
-            end = {"shard": shard, "index": index, "end": True,
+            end = {"shard": shard, "start": index, "end": True, "samples": [],
                    "shard_error": f"{type(e).__name__}: {_reason(e)}"}
-        yield _table([*rows, end], READ_SCHEMA)
+        yield _table([*out, end])
 
 
 # -- stage 2: decode + preprocess -----------------------------------------------------------------
@@ -116,23 +115,27 @@ def preprocess_rows(batch: pa.Table, *, preprocessor: Any) -> pa.Table:
     With ``preprocessor=None`` (an expert whose preprocess needs its model) the image bytes pass
     through and the actor decodes them itself.
     """
+    rows = batch.to_pylist()
+    if preprocessor is not None:
+        for w in rows:
+            for smp in w["samples"]:
+                if not smp["error"]:
+                    _decode_into(smp, preprocessor)
+                smp["image"] = None  # decoded: no need to ship the JPEG further
+    return _table(rows)
+
+
+def _decode_into(smp: dict, preprocess: Any) -> None:
     from astrea.extract.experts.base import BadImageError
     from astrea.extract.experts.common import decode_image
 
-    rows = batch.to_pylist()
-    for r in rows:
-        if r["end"] or r["error"] or preprocessor is None:
-            continue
-        try:
-            x = preprocessor(decode_image(r["image"]))
-            arr = _to_numpy(x).astype(np.float32, copy=False)
-            r["pixels"], r["pshape"] = np.ascontiguousarray(arr).tobytes(), list(arr.shape)
-        except BadImageError as e:
-            r["error"] = _reason(e)
-        except Exception as e:  # a preprocess bug on odd input must not take the job down
-            r["error"] = f"preprocess failed: {type(e).__name__}: {_reason(e)}"
-        r["image"] = None  # decoded: no need to ship the JPEG further
-    return _table(rows, PIXEL_SCHEMA)
+    try:
+        arr = _to_numpy(preprocess(decode_image(smp["image"]))).astype(np.float32, copy=False)
+        smp["pixels"], smp["pshape"] = np.ascontiguousarray(arr).tobytes(), list(arr.shape)
+    except BadImageError as e:
+        smp["error"] = _reason(e)
+    except Exception as e:  # a preprocess bug on odd input must not take the job down
+        smp["error"] = f"preprocess failed: {type(e).__name__}: {_reason(e)}"
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -146,7 +149,7 @@ _NP_STORAGE = {"float16": np.float16, "float32": np.float32}
 
 
 class ExpertActor:
-    """Holds one frozen expert on one device; turns pixel rows into result rows.
+    """Holds one frozen expert on one device; one forward call per window.
 
     Arrays leave the actor already in the storage dtype when numpy has it (halves the bytes shipped
     to the writer for fp16); bfloat16 leaves as float32 and the store's writer rounds it.
@@ -173,33 +176,23 @@ class ExpertActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo: dict[tuple, list[dict]] = {}
-        for r in rows:
-            r["array_dtype"] = np.dtype(self.storage).name
-            if r["end"] or r["error"]:
-                continue
-            if r.get("pixels") is None:  # preprocess happens here (see preprocess_rows)
-                self._preprocess_here(r)
-                if r["error"]:
+        for w in rows:
+            w["array_dtype"] = np.dtype(self.storage).name
+            todo: dict[tuple, list[dict]] = {}
+            for smp in w["samples"]:
+                if smp["error"]:
                     continue
-            todo.setdefault(tuple(r["pshape"]), []).append(r)
-        for shape, group in todo.items():
-            self._run(group, shape)
-        for r in rows:
-            r.pop("pixels", None)
-        return _table(rows, RESULT_SCHEMA)
-
-    def _preprocess_here(self, r: dict) -> None:
-        from astrea.extract.experts.base import BadImageError
-        from astrea.extract.experts.common import decode_image
-
-        try:
-            arr = _to_numpy(self.expert.preprocess(decode_image(r["image"]))).astype(np.float32)
-            r["pixels"], r["pshape"] = arr.tobytes(), list(arr.shape)
-        except BadImageError as e:
-            r["error"] = _reason(e)
-        except Exception as e:
-            r["error"] = f"preprocess failed: {type(e).__name__}: {_reason(e)}"
+                if smp.get("pixels") is None:  # preprocess happens here (see preprocess_rows)
+                    _decode_into(smp, self.expert.preprocess)
+                    smp["image"] = None
+                    if smp["error"]:
+                        continue
+                todo.setdefault(tuple(smp["pshape"]), []).append(smp)
+            for shape, group in todo.items():
+                self._run(group, shape)
+            for smp in w["samples"]:
+                smp["pixels"] = None
+        return _table(rows)
 
     def _forward(self, group: list[dict], shape: tuple) -> list[Any]:
         import torch
@@ -216,16 +209,17 @@ class ExpertActor:
     def _run(self, group: list[dict], shape: tuple) -> None:
         try:
             outs = self._forward(group, shape)
-        except Exception:
+        except Exception as e:
             if len(group) == 1:
-                raise
+                group[0]["error"] = f"forward failed: {type(e).__name__}: {_reason(e)}"
+                return
             # One image (or the batch size: OOM) broke the batch: redo image by image so only the
             # guilty key fails.
             for r in group:
                 try:
                     self._fill(r, self._forward([r], shape)[0])
-                except Exception as e:
-                    r["error"] = f"forward failed: {type(e).__name__}: {_reason(e)}"
+                except Exception as e2:
+                    r["error"] = f"forward failed: {type(e2).__name__}: {_reason(e2)}"
             return
         for r, o in zip(group, outs):
             try:
@@ -256,10 +250,10 @@ class ExpertActor:
         r["outputs"] = json.dumps(o.outputs or {}, allow_nan=False)
 
 
-def result_arrays(r: dict, spec: Any) -> tuple[np.ndarray, np.ndarray]:
-    dt = np.dtype(r["array_dtype"])
-    tokens = np.frombuffer(r["tokens"], dt).reshape(spec.grid * spec.grid, spec.token_dim)
-    pooled = np.frombuffer(r["pooled"], dt).reshape(spec.pooled_dim)
+def result_arrays(smp: dict, spec: Any, array_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    dt = np.dtype(array_dtype)
+    tokens = np.frombuffer(smp["tokens"], dt).reshape(spec.grid * spec.grid, spec.token_dim)
+    pooled = np.frombuffer(smp["pooled"], dt).reshape(spec.pooled_dim)
     return tokens, pooled
 
 
@@ -308,3 +302,4 @@ def light_preprocessor(expert: Any) -> Any | None:
     except Exception:
         return None
     return cand
+

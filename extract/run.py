@@ -35,7 +35,6 @@ REPORT_NAME = "extract_report.json"
 # declare its own with a module-level PREREQUISITES tuple.
 PREREQUISITES: dict[str, tuple[str, ...]] = {"grounding_dino": ("ram_plus",), "sam2": ("grounding_dino",)}
 READ_CPUS = 0.25  # reading a tar is I/O: reserve less than a decode task so reads never starve decoding
-DECODE_BATCH = 16
 ACTOR_MEMORY = 256 * 2**20  # a floor, not a cap: it only keeps actors unfused from the decode tasks
 
 
@@ -307,14 +306,16 @@ class ExpertJob:
         ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus, fn_kwargs={
             "data": str(cfg.data), "source_format": cfg.source_format, "store_root": str(self.plan.store),
-            "dataset": self.plan.dataset, "prereqs": {p: f"{p}@{fp}" for p, fp in fps.items()}})
-        ds = ds.map_batches(preprocess_rows, batch_size=DECODE_BATCH, batch_format="pyarrow",
+            "dataset": self.plan.dataset, "prereqs": {p: f"{p}@{fp}" for p, fp in fps.items()},
+            "window": cfg.batch_size})
+        # One row = one window of batch_size images (see pipeline.py): one decode task and one forward each.
+        ds = ds.map_batches(preprocess_rows, batch_size=1, batch_format="pyarrow",
                             num_cpus=cfg.cpus_per_task, fn_kwargs={"preprocessor": pre})
         # The actors state a memory request so that their resources never equal the decode tasks':
         # Ray Data fuses a task op into the next actor op when they match, which would put JPEG
         # decoding back on the GPU's process.
         ds = ds.map_batches(
-            ExpertActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+            ExpertActor, batch_size=1, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=rt["workers"]), num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"],
             memory=ACTOR_MEMORY,
             fn_constructor_kwargs={"cfg": self.ecfg.__dict__.copy(), "prerequisites": fps,
@@ -332,11 +333,10 @@ class ExpertJob:
         try:
             ds = self._dataset(todo, pre, fps)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                for r in batch.to_pylist():
-                    st = units.get(r["shard"])
-                    if st is None or st.end_index is not None and r["index"] >= st.end_index:
-                        continue
-                    self._accept(st, r, bar)
+                for w in batch.to_pylist():
+                    st = units.get(w["shard"])
+                    if st is not None and st.name not in self.report["units_committed"]:
+                        self._accept(st, w, bar)
         except BaseException as e:
             for st in units.values():
                 if st.writer is not None:
@@ -357,19 +357,23 @@ class ExpertJob:
                     st.writer.abort()
                 self.failed_units[st.name] = "pipeline ended before the unit was complete"
 
-    def _accept(self, st: UnitState, r: dict, bar: Any) -> None:
-        if r["end"]:
-            st.end_index = r["index"]
-            st.shard_error = r.get("shard_error")
-        else:
-            st.pending[r["index"]] = r
+    def _accept(self, st: UnitState, w: dict, bar: Any) -> None:
+        """Windows may arrive out of order (Ray Data only promises it with preserve_order): buffer by
+        start so the unit's writer sees keys in exact source order."""
+        if w["end"]:
+            st.end_index = w["start"]
+            st.shard_error = w.get("shard_error")
+        elif w["start"] >= st.next_index:  # an already-written window again (a retried task) is dropped
+            st.pending[w["start"]] = w
         while st.next_index in st.pending:
-            self._write(st, st.pending.pop(st.next_index), bar)
-            st.next_index += 1
+            win = st.pending.pop(st.next_index)
+            for i, smp in enumerate(win["samples"]):
+                self._write(st, smp, win["array_dtype"], st.next_index + i, bar)
+            st.next_index += len(win["samples"])
         if st.end_index is not None and st.next_index >= st.end_index:
             self._finish(st, bar)
 
-    def _write(self, st: UnitState, r: dict, bar: Any) -> None:
+    def _write(self, st: UnitState, r: dict, array_dtype: str, index: int, bar: Any) -> None:
         from astrea.extract.pipeline import result_arrays
 
         if st.writer is None:
@@ -378,7 +382,7 @@ class ExpertJob:
         key, error = r["key"], r["error"]
         if not error:
             try:
-                tokens, pooled = result_arrays(r, self.spec)
+                tokens, pooled = result_arrays(r, self.spec, array_dtype)
                 st.writer.add(key, tokens, pooled, json.loads(r["outputs"] or "{}"), caption=r.get("caption"),
                               labels=labels)
             except ValueError as e:  # a key the store cannot hold ('/', '..', duplicates): a per-key failure
@@ -389,7 +393,7 @@ class ExpertJob:
             except ValueError:
                 # The key itself is unusable as a store key: record the failure under a deterministic
                 # stand-in (the same for every expert), so the count and the reason survive.
-                st.writer.add_failure(f"invalid-key-{r['index']:06d}", f"invalid key {key!r}: {error}",
+                st.writer.add_failure(f"invalid-key-{index:06d}", f"invalid key {key!r}: {error}",
                                       caption=r.get("caption"), labels=labels)
             st.failed += 1
             kind = reason_kind(error)

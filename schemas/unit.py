@@ -55,8 +55,9 @@ STATS_KEYS = (
 
 def row_checksum(tokens_stored: np.ndarray, pooled_stored: np.ndarray, outputs_json: str) -> str:
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(tokens_stored).astype(tokens_stored.dtype.newbyteorder("<"), copy=False).tobytes())
-    h.update(np.ascontiguousarray(pooled_stored).astype(pooled_stored.dtype.newbyteorder("<"), copy=False).tobytes())
+    for a in (tokens_stored, pooled_stored):
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # no copy when already so
+        h.update(memoryview(a).cast("B"))
     h.update(outputs_json.encode("utf-8"))
     return h.hexdigest()
 

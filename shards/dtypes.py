@@ -42,12 +42,16 @@ def to_storage(x: Any, dtype: str) -> np.ndarray:
         if a.dtype == np.dtype("<u2"):
             raise ValueError("got uint16 for a bfloat16 store: pass float values, the writer rounds them")
         bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        # round to nearest, ties to even, on the discarded low 16 bits (in place: one temporary)
+        r = bits >> np.uint32(16)
+        r &= np.uint32(1)
+        r += np.uint32(0x7FFF)
+        r += bits
+        r >>= np.uint32(16)
+        out = r.astype("<u2")
         nan = np.isnan(bits.view(np.float32))
-        # round to nearest, ties to even, on the discarded low 16 bits
-        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-        out = rounded.astype("<u2")
         if nan.any():
-            out[nan] = 0x7FC0  # a quiet NaN, whatever the payload was
+            out[nan] = 0x7FC0  # a quiet NaN, whatever the payload was (rounding could have made it inf)
         return out
     with np.errstate(over="ignore"):  # float16 overflow -> inf is counted by the writer (nonfinite_rows)
         return np.ascontiguousarray(a, dtype=_NUMPY[dtype])
@@ -61,5 +65,6 @@ def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
 
 def nonfinite_in_storage(a: np.ndarray, dtype: str) -> bool:
     """True when the stored values hold inf/NaN (e.g. float16 overflow of values above 65504)."""
-    vals = from_storage(a, dtype) if dtype == "bfloat16" else a
-    return not bool(np.isfinite(vals).all())
+    if dtype == "bfloat16":  # exponent bits all ones <=> inf or NaN
+        return bool(((a & np.uint16(0x7F80)) == np.uint16(0x7F80)).any())
+    return not bool(np.isfinite(a).all())

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def run(cfg: "TrainConfig") -> dict[str, Any]:
-    from astrea.train.run import run as _run
+    from astrea.train.runner import run as _run
 
     return _run(cfg)
 

@@ -65,7 +65,7 @@ def load_run(run: str | Path, *, device: str = "auto", store: str = "", weights:
     from astrea.train.config import TrainConfig
     from astrea.train.llm import TINY, build_llm
     from astrea.train.model import AstreaModel
-    from astrea.train.run import _device
+    from astrea.train.runner import _device
     from astrea.train.stages import build_stages
     from astrea.train.store_check import resolve_experts
 
@@ -231,7 +231,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
                 loss, n, visual = lreg(main, b)
                 acc.add(loss, n, len(b["keys"]))
                 total.add(loss, n, len(b["keys"]))
-                per_task[task].add(main._last.probs)
+                per_task[task].add(main.last_output.probs)
                 if task == "caption" and moco is not None:
                     rows = main.caption_rows(b)
                     if rows:

@@ -206,6 +206,11 @@ class MainStage(Stage):
         context = self.instruction_context(model, batch).to(grids[0].dtype) if moe.cfg.router_context else None
         return moe(grids, context=context)
 
+    @property
+    def last_output(self) -> MoEOutput | None:
+        """The MoE output of the latest ``visual_tokens`` call (routing probabilities for statistics)."""
+        return self._last
+
     def visual_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
         out = self.fuse(model, batch)
         self._last = out  # extra_losses (same micro-batch) reads the aux loss and the fused grid
@@ -217,6 +222,7 @@ class MainStage(Stage):
             losses["balance"] = self._last.aux_loss
         if "moco" in model.extras:
             losses["moco"] = self.mc.mu * self.moco_loss(model, batch, visual)
+        self._last = None  # do not keep this micro-batch's graph alive into the next one
         return losses
 
     # -- MoCo ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`--workers N [--address ...]`: the same training loop on N Ray Train workers (DDP over gloo/NCCL).
 
 Ray Train's TorchTrainer starts the workers and initialises the process group; each worker then runs
-:func:`astrea.train.run.run_local`, which finds the group already up and takes its rank from it. The
+:func:`astrea.train.runner.run_local`, which finds the group already up and takes its rank from it. The
 store and RUN paths must be visible to every worker (one machine, or a shared filesystem).
 """
 
@@ -15,7 +15,7 @@ from astrea.train.errors import TrainError
 
 
 def _worker(config: dict[str, Any]) -> None:
-    from astrea.train.run import run_local
+    from astrea.train.runner import run_local
 
     run_local(TrainConfig.from_dict(config))
 

@@ -236,7 +236,7 @@ def run_sweep(
     from astrea.train.stages import build_stages
 
     if train_fn is None:
-        from astrea.train.run import run as train_fn  # type: ignore[assignment]
+        from astrea.train.runner import run as train_fn  # type: ignore[assignment]
     spec = load_sweep(path, overrides=overrides)
     # resolve every variant and build its stages first: a typo or a bad option in the last variant
     # fails before hours of training (problems only the store can show are recorded per variant)
@@ -272,16 +272,21 @@ def run_sweep(
                 train_fn(cfg)
                 metrics = evaluate(EvalConfig(run=str(run_dir), **spec.eval))
         except (AstreaError, ValueError) as e:
-            status = "failed: " + (e.args[0] if e.args else str(e)).splitlines()[0][:200]
+            status = "failed: " + _one_line(str(e.args[0] if e.args else e))
         except Exception as e:  # one broken variant must not cost the others; its trace goes to the log
             echo(traceback.format_exc())
-            status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            status = f"failed: {type(e).__name__}: {_one_line(str(e))}"
         if metrics:
             random_notes.update(n for n in metrics.get("notes", []) if n.startswith("RANDOM"))
         echo(f"[sweep] {v.name}: {status}")
         rows.append(table_row(v, status, metrics))
         write_table(rows, spec.out, sorted(random_notes))  # after every variant: a killed sweep keeps its rows
     return rows
+
+
+def _one_line(msg: str, limit: int = 300) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _same_config(saved: Path, cfg: TrainConfig) -> bool:

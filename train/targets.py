@@ -117,14 +117,9 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
         raise ValueError("RLE counts are neither a string nor a list of non-negative ints")
     if sum(counts) != h * w:
         raise ValueError(f"RLE counts sum to {sum(counts)}, size says {h}x{w}")
-    flat = np.zeros(h * w, dtype=bool)
-    pos, val = 0, False
-    for c in counts:
-        if val:
-            flat[pos : pos + c] = True
-        pos += c
-        val = not val
-    return flat.reshape(w, h).T
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True  # runs alternate, background first
+    return np.repeat(values, counts).reshape(w, h).T
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
     @shards_app.command("ls")
     @user_errors
     def ls(
-        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False),
+        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False, metavar="STORE"),
         dataset: Optional[str] = dataset_opt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     ) -> None:
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
     @shards_app.command("info")
     @user_errors
     def info(
-        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False),
+        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False, metavar="STORE"),
         dataset: Optional[str] = dataset_opt,
         expert: Optional[str] = expert_opt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
     @shards_app.command("verify")
     @user_errors
     def verify(
-        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False),
+        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False, metavar="STORE"),
         dataset: Optional[str] = dataset_opt,
         expert: Optional[str] = expert_opt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),

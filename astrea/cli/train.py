@@ -48,6 +48,9 @@ def train(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --workers (auto, ray://host:10001)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for shuffling, init and residual draws."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Main stage: experts mixed per token, 1..4 [3] (Tab. 3; = --set extras.top_k=K)."),
+    no_residual: bool = typer.Option(False, "--no-residual", help="No random residual attention (Tab. 4; = --set residual.enabled=false)."),
+    no_moco: bool = typer.Option(False, "--no-moco", help="Main stage without MoCo (Tab. 4; = --set extras.no_moco=true)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, dotted: --set residual.p=0.3 --set stage_experts.caption=clip."),
 ) -> None:
     from astrea.train import run
@@ -72,6 +75,9 @@ def train(
         "address": address,
         "seed": seed,
         "progress": False if no_progress else None,
+        "extras.top_k": top_k,
+        "residual.enabled": False if no_residual else None,
+        "extras.no_moco": True if no_moco else None,
     }
     for item in set_:
         if "=" not in item:

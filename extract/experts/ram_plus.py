@@ -103,16 +103,31 @@ class RamPlusOptions:
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> "RamPlusOptions":
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - valid)
+        valid = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"ram_plus: unknown options {unknown}; valid options: {sorted(valid)}")
-        o = cls(**options)
-        if o.threshold is not None and not 0.0 <= float(o.threshold) <= 1.0:
+        kinds = {"tag_list": str, "thresholds": str, "filename": str, "threshold": float, "max_tags": int,
+                 "num_classes": int, "strict": bool}
+        values: dict[str, Any] = {}
+        for k, v in options.items():
+            want = kinds[k]
+            if v is None and k not in ("filename", "strict"):
+                values[k] = None
+                continue
+            # Options arrive JSON-parsed from the CLI (0.5 -> float, true -> bool, paths -> str).
+            ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v, ok = float(v), True
+            if not ok:
+                raise ValueError(f"ram_plus: options.{k}={v!r} must be {want.__name__}")
+            values[k] = v
+        o = cls(**values)
+        if o.threshold is not None and not 0.0 <= o.threshold <= 1.0:
             raise ValueError(f"ram_plus: options.threshold={o.threshold} must be in [0, 1]")
-        if o.max_tags is not None and int(o.max_tags) < 1:
+        if o.max_tags is not None and o.max_tags < 1:
             raise ValueError(f"ram_plus: options.max_tags={o.max_tags} must be >= 1")
-        if o.num_classes is not None and int(o.num_classes) < 1:
+        if o.num_classes is not None and o.num_classes < 1:
             raise ValueError(f"ram_plus: options.num_classes={o.num_classes} must be >= 1")
         return o
 
@@ -400,7 +415,7 @@ class RamPlusExpert(Expert):
 def _tags_for_random(arch: RamPlusArch, o: RamPlusOptions) -> tuple[list[str], str]:
     if o.tag_list:
         tags = read_tag_list(o.tag_list)
-        if o.num_classes is not None and int(o.num_classes) != len(tags):
+        if o.num_classes is not None and o.num_classes != len(tags):
             raise ValueError(
                 f"ram_plus: options.num_classes={o.num_classes} but tag list {o.tag_list} has {len(tags)} tags"
             )
@@ -456,6 +471,8 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
                 f"ram_plus: checkpoint {ckpt.name} has {n} tags but tag list {tag_path} has {len(tags)}; "
                 f"use the tag list that belongs to these weights"
             )
+        if o.num_classes is not None and o.num_classes != n:
+            raise CheckpointLayoutError(f"ram_plus: options.num_classes={o.num_classes} but {ckpt.name} has {n} tags")
         arch = dataclasses.replace(arch, num_classes=n)
         with torch.device("meta"):
             model = arch.build()  # shapes only; load_state assigns the file's tensors
@@ -465,8 +482,8 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
             log.info("ram_plus: ignored checkpoint keys not used at inference: %s", report["ignored_keys"])
         thr_path = _side_file(o.thresholds, ckpt, THRESHOLDS_FILE)
     if o.threshold is not None:
-        thresholds = [float(o.threshold)] * len(tags)
-        thr_source = f"uniform {float(o.threshold)} (options.threshold)"
+        thresholds = [o.threshold] * len(tags)
+        thr_source = f"uniform {o.threshold} (options.threshold)"
     elif thr_path is not None:
         thresholds = read_thresholds(thr_path, len(tags))
         thr_source = f"file {thr_path.name}"

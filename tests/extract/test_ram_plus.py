@@ -384,6 +384,11 @@ def test_bad_options_name_the_field(tmp_path):
         tiny(tags="x").build()
     with pytest.raises(ValueError, match="options.threshold=1.5"):
         tiny(threshold=1.5).build()
+    with pytest.raises(ValueError, match="options.max_tags='5' must be int"):
+        tiny(max_tags="5").build()
+    with pytest.raises(ValueError, match="options.strict=1 must be bool"):
+        tiny(strict=1).build()
+    assert tiny(threshold=1).build().spec.config["thresholds"] == "uniform 1.0 (options.threshold)"
     bad = tmp_path / "thr.txt"
     bad.write_text("0.5\n0.7\n")
     with pytest.raises(WeightsUnavailableError, match="has 2 values but the tag list has 64"):
@@ -415,3 +420,15 @@ def test_real_size_random_build_and_forward():
     (o,) = e.forward(e.preprocess(shapes_image("red", (400, 300)))[None])
     assert o.tokens.shape == (576, 512) and o.pooled.shape == (512,)
     assert e.spec.config["feature_map"] == [12, 12] and e.spec.config["num_tags"] == 4585
+
+
+@pytest.mark.gpu
+def test_real_size_bfloat16_on_gpu_agrees_with_float32():
+    e32 = ExpertConfig("ram_plus", arch=DEFAULT, device="cuda").build()
+    e16 = ExpertConfig("ram_plus", arch=DEFAULT, device="cuda", compute_dtype="bfloat16").build()
+    x = torch.stack([e32.preprocess(shapes_image(c, (400, 300))) for c in ("red", "blue", "green", "black")])
+    for a, b in zip(e32.forward(x), e16.forward(x)):
+        rel = np.abs(a.tokens - b.tokens).max() / np.abs(a.tokens).max()
+        assert rel < 0.05
+        ta, tb = set(a.outputs["tags"]), set(b.outputs["tags"])
+        assert len(ta & tb) / max(1, len(ta | tb)) > 0.9

@@ -34,6 +34,21 @@ def expert():
 
 
 @pytest.fixture(scope="module")
+def base(expert):
+    """One fp32 forward of the standard test image (grid mode), shared: each forward costs seconds."""
+    img = _img()
+    x = expert.preprocess(img)[None]
+    return img, x, expert.forward(x)[0]
+
+
+def _sharing(expert, prerequisites=None, **cfg):
+    """Another configuration around the same (already built) model: building SAM2 costs seconds."""
+    c = ExpertConfig("sam2", arch=SMALL, **{"grid": 16, **cfg})
+    c.validate()
+    return sam2_expert.Sam2Expert(c, SMALL, expert.model, dict(prerequisites or {}))
+
+
+@pytest.fixture(scope="module")
 def predictor(expert):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -50,11 +65,10 @@ def test_preprocessing_is_bit_exact_with_sam2_transforms(expert, predictor):
         assert x.shape == (3, S, S) and torch.equal(x, ref)
 
 
-def test_image_embedding_matches_predictor(expert, predictor):
-    img = _img()
+def test_image_embedding_matches_predictor(expert, predictor, base):
+    img, _, out = base
     predictor.set_image(np.asarray(img))
     ref = predictor.get_image_embedding()[0]  # [256, 16, 16]
-    out = expert.forward(expert.preprocess(img)[None])[0]
     # grid == embedding size: tokens are the embedding itself, row-major
     np.testing.assert_allclose(out.tokens, ref.flatten(1).T.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.pooled, ref.mean(dim=(1, 2)).numpy(), rtol=1e-5, atol=1e-5)
@@ -88,12 +102,9 @@ def test_box_masks_match_predictor(expert, predictor):
         assert np.array_equal(rle.decode(by_label["cat"]["rle"]), ref1[0] > 0)
 
 
-def test_point_grid_mask_matches_predictor_best_of_three():
-    e = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 1, "score_threshold": 0.0}).build()
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    p = SAM2ImagePredictor(e.model)
-    p._bb_feat_sizes = [(S // 4, S // 4), (S // 8, S // 8), (S // 16, S // 16)]
+def test_point_grid_mask_matches_predictor_best_of_three(expert, predictor):
+    e = _sharing(expert, options={"points_per_side": 1, "score_threshold": 0.0})
+    p = predictor
     img = _img(64, 64, seed=4)
     out = e.forward(e.preprocess(img)[None])[0].outputs
     assert out["prompt"] == "points"
@@ -110,8 +121,8 @@ def test_point_grid_mask_matches_predictor_best_of_three():
         np.testing.assert_allclose(out["masks"][0]["score"], scores[best], rtol=1e-5)
 
 
-def test_outputs_follow_the_store_contract(expert):
-    out = expert.forward(expert.preprocess(_img())[None])[0].outputs
+def test_outputs_follow_the_store_contract(expert, base):
+    out = base[2].outputs
     assert set(out) >= {"masks", "prompt"}
     import json
 
@@ -125,37 +136,40 @@ def test_outputs_follow_the_store_contract(expert):
     assert len(out["masks"]) <= expert.opts.max_masks
 
 
-def test_grid_nms_and_caps():
-    e = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 3, "score_threshold": 0.0,
-                                                         "nms_iou": 1.0, "max_masks": 4}).build()
-    x = e.preprocess(_img())[None]
-    out = e.forward(x)[0].outputs["masks"]
+def test_grid_nms_and_caps(expert, base):
+    import torch
+
+    with torch.inference_mode():
+        embed, high_res = expert.image_features(base[1])  # one encoder pass, two mask settings
+    loose = _sharing(expert, options={"points_per_side": 3, "score_threshold": 0.0, "nms_iou": 1.0, "max_masks": 4})
+    with torch.inference_mode():
+        out = loose._grid_masks(embed, high_res)["masks"]
     assert 1 <= len(out) <= 4
     scores = [m["score"] for m in out]
     assert scores == sorted(scores, reverse=True)
-    strict = ExpertConfig("sam2", arch=SMALL, grid=4, options={"points_per_side": 3, "score_threshold": 0.0,
-                                                              "nms_iou": 0.01, "max_masks": 9}).build()
-    masks = [rle.decode(m["rle"]) for m in strict.forward(x)[0].outputs["masks"]]
+    strict = _sharing(expert, options={"points_per_side": 3, "score_threshold": 0.0, "nms_iou": 0.01, "max_masks": 9})
+    with torch.inference_mode():
+        masks = [rle.decode(m["rle"]) for m in strict._grid_masks(embed, high_res)["masks"]]
+    assert 1 <= len(masks)
     for i in range(len(masks)):
         for j in range(i):
             inter = np.logical_and(masks[i], masks[j]).sum()
             assert inter / np.logical_or(masks[i], masks[j]).sum() <= 0.01
 
 
-def test_box_prompt_edge_cases(expert):
-    x = expert.preprocess(_img())[None]
-    empty = expert.forward(x, [{"grounding_dino": {"boxes": [], "labels": [], "scores": []}}])[0].outputs
-    assert empty == {"masks": [], "prompt": "boxes"}
+def test_box_prompt_edge_cases(expert, base):
+    x = base[1]
+    empty = {"boxes": [], "labels": [], "scores": []}
     bad = {"boxes": [[0.5, 0.5, 0.2, 0.9], "nope", [0.1, 0.1, 0.4, float("nan")], [0.1, 0.1, 0.8, 0.8]],
            "labels": ["a", "b", "c", "d"], "scores": [0.9, 0.8, 0.7, 0.6]}
-    out = expert.forward(x, [{"grounding_dino": bad}])[0].outputs
-    assert out["skipped_boxes"] == 3
-    assert [m["label"] for m in out["masks"]] in (["d"], [])
-    # prompts for a mixed batch: None and {} fall back to the point grid
-    outs = expert.forward(torch.cat([x, x]), [None, {}])
-    assert [o.outputs["prompt"] for o in outs] == ["points", "points"]
+    outs = expert.forward(torch.cat([x, x]), [{"grounding_dino": empty}, {"grounding_dino": bad}])
+    assert outs[0].outputs == {"masks": [], "prompt": "boxes"}
+    assert outs[1].outputs["skipped_boxes"] == 3
+    assert [m["label"] for m in outs[1].outputs["masks"]] in (["d"], [])
     with pytest.raises(ValueError, match="2 prompts for a batch of 1"):
-        expert.forward(x, [None, None])
+        expert.forward(x, [None, None])  # raised before any compute
+    with pytest.raises(ValueError, match=r"expected pixels \[B, 3, 256, 256\]"):
+        expert.forward(torch.zeros(1, 3, 64, 64))
 
 
 def test_max_boxes_keeps_highest_scores():
@@ -180,15 +194,22 @@ def test_batched_equals_unbatched(expert):
             assert np.mean(da != db) <= 1e-3
 
 
-def test_grid_resampling_and_spec():
-    e8 = ExpertConfig("sam2", arch=SMALL, grid=8).build(prerequisites={"grounding_dino": "abc123def456"})
+def test_grid_resampling_and_spec(expert, base):
+    e8 = _sharing(expert, prerequisites={"grounding_dino": "abc123def456"}, grid=8)
     s = e8.spec
     assert (s.token_dim, s.pooled_dim, s.grid) == (256, 256, 8)
     assert s.prerequisites == {"grounding_dino": "abc123def456"}
     assert s.preprocessing["size"] == [S, S] and s.preprocessing["interpolation"] == "bilinear"
     assert s.config["mask_size"] == 64 and s.config["points_per_side"] == 4
-    other = ExpertConfig("sam2", arch=SMALL, grid=8, options={"points_per_side": 2}).build()
-    assert other.spec.fingerprint() != ExpertConfig("sam2", arch=SMALL, grid=8).build().spec.fingerprint()
+    assert s.random_weights and s.seed == 0
+    other = _sharing(expert, grid=8, options={"points_per_side": 2})
+    assert other.spec.fingerprint() != _sharing(expert, grid=8).spec.fingerprint() != s.fingerprint()
+    # 16x16 embedding -> 8x8 grid is the 2x2 area mean
+    _, x, out16 = base
+    full = out16.tokens.reshape(16, 16, -1)
+    np.testing.assert_allclose(
+        e8.forward(x)[0].tokens, full.reshape(8, 2, 8, 2, -1).mean(axis=(1, 3)).reshape(64, -1), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(ValueError, match="unknown prerequisites"):
         ExpertConfig("sam2", arch=SMALL).build(prerequisites={"ram_plus": "x"})
 
@@ -200,33 +221,34 @@ def test_option_errors_name_the_field():
         ExpertConfig("sam2", arch=SMALL, options={"nms_iou": 0.0}).build()
 
 
-def test_bfloat16_autocast_on_cpu(expert):
-    e16 = ExpertConfig("sam2", arch=SMALL, grid=16, compute_dtype="bfloat16").build()
+def test_bfloat16_autocast_on_cpu(expert, base):
+    e16 = _sharing(expert, compute_dtype="bfloat16")  # autocast: the fp32 weights are shared untouched
     assert e16.spec.weights_sha256 == expert.spec.weights_sha256
     assert e16.spec.fingerprint() != expert.spec.fingerprint()
-    x = expert.preprocess(_img())[None]
-    a, b = expert.forward(x)[0], e16.forward(x)[0]
+    _, x, a = base
+    b = e16.forward(x)[0]
     assert np.isfinite(b.tokens).all() and b.tokens.dtype == np.float32
     cos = float(np.dot(a.pooled, b.pooled) / np.linalg.norm(a.pooled) / np.linalg.norm(b.pooled))
     assert cos > 0.98, cos
 
 
-def test_fp16_storage_error_reported(expert):
-    out = expert.forward(expert.preprocess(_img())[None])[0]
+def test_fp16_storage_error_reported(base):
+    out = base[2]
     for dtype, bound in (("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
         err = storage_error(out.tokens, dtype)
         print(f"sam2 {SMALL} tokens stored as {dtype}: {err}")
         assert err["nonfinite"] == 0 and 0 < err["max_rel"] <= bound * 1.0001
 
 
-def test_local_checkpoint_roundtrip(tmp_path):
-    ref = sam2_expert._build_model(sam2_expert._ARCHS[SMALL], seed=7)
+def test_local_checkpoint_roundtrip(expert, tmp_path):
+    sd = {k: v.clone() for k, v in expert.model.state_dict().items()}
+    sd["no_mem_embed"] += 1.0  # "trained" weights: differ from the random init
     path = tmp_path / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": ref.state_dict()}, path)
+    torch.save({"model": sd}, path)
     for weights in (str(path), str(tmp_path)):  # a file, or a directory holding the hub file name
         e = ExpertConfig("sam2", arch=SMALL, weights=weights).build()
-        assert e.spec.weights_sha256 == state_dict_sha256(ref) and not e.spec.random_weights
-    sd = ref.state_dict()
+        assert e.spec.weights_sha256 == state_dict_sha256(sd) != expert.spec.weights_sha256
+        assert not e.spec.random_weights
     sd.pop(next(iter(sd)))
     torch.save({"model": sd}, tmp_path / "broken.pt")
     with pytest.raises(WeightsUnavailableError, match="1 missing keys"):

@@ -20,7 +20,7 @@ def test_help(cmd):
     assert res.exit_code == 0, res.output
     assert "Usage:" in res.output and "shards" in res.output
     if cmd:
-        assert "STORE" in res.output and len(res.output) > 300
+        assert "STORE" in res.output and "Feature store root" in res.output
     else:
         for sub in ("ls", "info", "verify"):
             assert sub in res.output

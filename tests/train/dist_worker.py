@@ -15,7 +15,7 @@ def worker(rank: int, world: int, port: int, store: str, out: str) -> None:
     from astrea.train.data import is_heldout, store_opener
     from astrea.train.distributed import average_gradients
     from astrea.train.projector import ProjectorSpec
-    from astrea.train.run import run_local
+    from astrea.train.runner import run_local
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

@@ -139,7 +139,7 @@ def test_no_moco_and_top_k_and_balance_flags():
     batch = collate(records(4))
     model.train()
     v = main.visual_tokens(model, batch)
-    assert ((main._last.probs > 0).sum(-1) == 1).all()
+    assert ((main.last_output.probs > 0).sum(-1) == 1).all()
     assert set(main.extra_losses(model, batch, v)) == {"balance"}
 
 
@@ -203,3 +203,14 @@ def test_main_config_defaults():
     assert mc.top_k == 3 and not mc.no_moco and mc.tasks == ["caption", "tags", "boxes", "masks"]
     ctx = StageContext(cfg=TrainConfig(), name="main", index=0, order=["main"])
     assert MainStage(ctx).required_experts() == ["siglip", "ram_plus", "grounding_dino", "sam2"]
+
+
+def test_train_cli_has_the_ablation_flags():
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--help"])
+    assert r.exit_code == 0
+    for flag in ("--top-k", "--no-residual", "--no-moco", "--stages"):
+        assert flag in r.output

@@ -11,7 +11,7 @@ import pytest
 
 from astrea.train.config import TrainConfig
 from astrea.train.metrics import read_metrics
-from astrea.train.run import run_local
+from astrea.train.runner import run_local
 
 SETTINGS = {
     "stages": "caption,classification", "steps": 4, "batch_size": 4, "optim.lr": 3e-3,

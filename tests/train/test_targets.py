@@ -95,3 +95,13 @@ def test_render_without_caption_keeps_other_tasks_and_none_when_empty():
     r = render(_sample(caption=None), ["caption", "tags"], SOURCES, TargetOptions(), stats)
     assert r.target == "tags: dog, grass"
     assert render(_sample(caption=""), ["caption"], SOURCES, TargetOptions(), stats) is None
+
+
+def test_reads_the_extractors_rle():
+    """Masks written by the sam2 expert (extract/experts/rle.py) decode to the same pixels here."""
+    from astrea.extract.experts import rle
+
+    rng = np.random.default_rng(1)
+    m = rng.random((13, 17)) > 0.5
+    assert np.array_equal(decode_rle(rle.encode(m)), m)
+    assert np.array_equal(rle.decode(encode_rle(m)), m)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.metrics import read_metrics
-from astrea.train.run import run_local
+from astrea.train.runner import run_local
 from tests.train.fixtures import make_store, spec
 
 
