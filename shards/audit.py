@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astrea.schemas.unit import STATUS_OK, row_checksum
+from astrea.schemas.unit import row_checksum
 from astrea.shards import fsutil
 from astrea.shards.store import ExpertDir, Store
 

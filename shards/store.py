@@ -13,6 +13,7 @@ differs in anything that changes the features gets its own directory.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -178,7 +179,7 @@ class ExpertDir:
                                      "units are immutable (delete the unit's files by hand to redo it)")
         for p in self.temp_files():
             t = fsutil.parse_temp(p.name)
-            if t is not None and t.unit == unit and t.pid != _pid() and t.owner_alive():
+            if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
                 raise StoreError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
         return get_format(self.spec.format).writer(self, unit)
 
@@ -233,6 +234,12 @@ class ExpertDir:
             except StopIteration:
                 raise StoreError(f"{where}: ends before key {row['key']!r} that its index lists; the unit is "
                                  "truncated (run `astrea shards verify`)") from None
+            except StoreError:
+                raise
+            except Exception as e:  # tarfile / zarr / numpy errors on damaged bytes: name the unit
+                detail = e.args[0] if e.args and isinstance(e.args[0], str) else repr(e)
+                raise StoreError(f"{where}: unreadable at key {row['key']!r} ({type(e).__name__}: {detail}); the "
+                                 "unit is damaged (run `astrea shards verify`)") from e
             if i != row["index"] or key != row["key"]:
                 raise StoreError(f"{where}: row {i} holds key {key!r} but the index expects {row['key']!r} at "
                                  f"row {row['index']}; data and index disagree (run `astrea shards verify`)")
@@ -255,12 +262,6 @@ class ExpertDir:
             t, p, out = stored
             yield Record(row["key"], STATUS_OK, from_storage(t, dtype), from_storage(p, dtype), json.loads(out),
                          row["caption"], labels, None, unit, row["index"])
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 class Store:

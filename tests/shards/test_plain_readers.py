@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.shards.helpers import keys_of, make_spec, write_unit
 

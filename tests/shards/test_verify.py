@@ -85,3 +85,16 @@ def test_invalid_expert_json_is_reported_not_raised(written):
     (z.path / "expert.json").write_text("{")
     rep = verify(store)
     assert _kinds(rep) == [("invalid", "expert.json")] and "not valid JSON" in rep.problems[0].detail
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_reading_a_truncated_unit_names_the_file(store, fmt):
+    from astrea.shards import StoreError
+
+    e = store.expert_dir("ds", make_spec(fmt=fmt), create=True)
+    write_unit(e, "00000", 5)
+    data = e.data_path("00000")
+    victim = data if data.is_file() else max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(StoreError, match=rf"{data}.*(truncated|unreadable|damaged)"):
+        list(e.iter_unit("00000"))

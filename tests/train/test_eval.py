@@ -129,3 +129,18 @@ def test_eval_cli_and_clear_errors(run_copy, tmp_path):
 def test_help(cmd):
     r = CliRunner().invoke(app, [cmd, "--help"])
     assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_main_only_run_starts_from_the_pre_alignment_weights(tmp_path_factory, tmp_path):
+    """`--stages main --set init_from=PRE`: the main stage mixes PRE's projectors, which it keeps frozen."""
+    from safetensors.torch import load_file
+
+    pre = tiny_run(tmp_path_factory)
+    shutil.copytree(pre.parent / "store", tmp_path / "store")
+    run = train_tiny(tmp_path, name="main_only", init_from=str(pre), steps=1)
+    a = load_file(str(pre / "stages" / "main" / "model.safetensors"))
+    b = load_file(str(run / "stages" / "main" / "model.safetensors"))
+    frozen = [k for k in a if k.startswith(("projectors.", "residuals."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    trained = [k for k in a if k.startswith("extras.moe.router")]
+    assert trained and any(not torch.equal(a[k], b[k]) for k in trained)
