@@ -140,6 +140,15 @@ def main() -> None:
         step_s = (time.perf_counter() - t) / args.steps
         consume_sps = args.batch / step_s
 
+        # C_i on the fly: what the frozen earlier projectors cost inside that step
+        b0 = {k: v.to(dev).float() for k, v in batches[0]["tokens"].items()}
+        t = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(args.steps):
+                for e in stage.context_experts:
+                    model.project(e, b0[e])
+        context_frac = (time.perf_counter() - t) / args.steps / step_s
+
         # 3. from the store (read + collate + step) vs online experts (+ collate + step)
         t = time.perf_counter()
         it = iter(JoinedDataset(Store(root), "bench", names, shuffle=True))
@@ -162,6 +171,7 @@ def main() -> None:
         "reader_plus_collate_samples_per_s": round(collate_sps, 1),
         "train_step_consumes_samples_per_s": round(consume_sps, 1),
         "reader_headroom_x": round(collate_sps / consume_sps, 2),
+        "context_Ci_on_the_fly_fraction_of_step": round(context_frac, 4),
         "step_s_from_store": round(store_step_s, 3),
         "step_s_experts_online": round(online_step_s, 3),
         "store_speedup_x": round(online_step_s / store_step_s, 1),

@@ -197,6 +197,8 @@ class ExpertJob:
                                        "random_weights": ecfg.weights == "random", "device": runtime["device"],
                                        "compute_dtype": ecfg.compute_dtype, "workers": runtime["workers"]}
         self.failed_units: dict[str, str] = {}
+        self.t_first: float | None = None  # first / last result written: steady-state throughput
+        self.t_last: float | None = None
 
     # prerequisites ------------------------------------------------------------------------------
     def prerequisites(self) -> tuple[dict[str, str], dict[str, str], list[str]]:
@@ -267,6 +269,8 @@ class ExpertJob:
         edir = self.store.expert_dir(self.plan.dataset, spec, create=True)
         self.edir = edir
         cleaned = edir.cleanup_temp()
+        for leftover in Path(edir.path).glob(f".{REPORT_NAME}.tmp-*"):  # a report write cut by a kill
+            leftover.unlink(missing_ok=True)
         committed = set(edir.committed_units())
         todo = [u for u in self.plan.shards if u not in committed and u not in skip]
         for u in skip:
@@ -290,6 +294,10 @@ class ExpertJob:
         n = self.report["images_ok"] + self.report["images_failed"]
         self.report.update({"seconds": round(secs, 3), "images_per_s": round(n / secs, 3) if secs > 0 else 0.0,
                             "seconds_build_spec": round(t_plan, 3)})
+        if self.t_first is not None and self.t_last is not None and n > 1 and self.t_last > self.t_first:
+            # Throughput once the workers are up (start-up = model loads, paid once per job).
+            self.report["seconds_to_first_result"] = round(self.t_first - t0, 3)
+            self.report["images_per_s_streaming"] = round((n - 1) / (self.t_last - self.t_first), 3)
         if todo:  # a no-op rerun keeps the report of the run that did the work
             _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
         return self.report
@@ -320,7 +328,7 @@ class ExpertJob:
             memory=ACTOR_MEMORY,
             fn_constructor_kwargs={"cfg": self.ecfg.__dict__.copy(), "prerequisites": fps,
                                    "fingerprint": self.fingerprint, "device": rt["device"],
-                                   "threads": int(cfg.cpus_per_worker) if rt["device"] == "cpu" else None})
+                                   "threads": max(1, round(cfg.cpus_per_worker)) if rt["device"] == "cpu" else None})
         return ds
 
     def _stream(self, todo: list[str], pre: Any, fps: dict[str, str]) -> None:
@@ -376,6 +384,9 @@ class ExpertJob:
     def _write(self, st: UnitState, r: dict, array_dtype: str, index: int, bar: Any) -> None:
         from astrea.extract.pipeline import result_arrays
 
+        now = time.monotonic()
+        self.t_first = self.t_first or now
+        self.t_last = now
         if st.writer is None:
             st.writer = self.edir.open_unit(st.name)
         labels = json.loads(r["labels"]) if r.get("labels") else None
@@ -455,6 +466,15 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
         compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else (
             "bfloat16" if device.startswith("cuda") else "float32")
         workers = cfg.workers or (max(1, int(gpus // num_gpus)) if num_gpus else 1)
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        need = workers * cfg.cpus_per_worker + cfg.cpus_per_task
+        if need > cpus + 1e-9:
+            # Ray Data would wait forever for a CPU to decode on: say so instead of hanging.
+            raise ExtractError(
+                f"{workers} worker(s) x --cpus-per-worker {cfg.cpus_per_worker:g} + one decode task "
+                f"(--cpus-per-task {cfg.cpus_per_task:g}) need {need:g} CPUs, the Ray "
+                f"cluster has {cpus:g}; lower --workers / --cpus-per-worker / --cpus-per-task"
+                + ("" if cfg.address else " or raise --num-cpus"))
         single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1 and not ray.util.client.ray.is_connected()
         runtime = {"device": device, "num_gpus": num_gpus, "workers": workers, "ray": mode, "single_node": single_node}
         store = Store(plan.store)

@@ -34,7 +34,9 @@ EVAL_MD = "eval.md"
 @dataclass
 class EvalConfig:
     run: str
-    max_samples: int = 256  # held-out images scored (the run's dataset.heldout_max is not a cap here)
+    # held-out images scored, read once and kept in memory (features of every expert) for all stages/tasks;
+    # the run's dataset.heldout_max is not a cap here
+    max_samples: int = 256
     batch_size: int = 16
     device: str = "auto"
     store: str = ""  # the store moved since training: its new path
@@ -146,6 +148,19 @@ def retrieval_metrics(q_v: torch.Tensor, q_t: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def heldout_records(open_epoch: Any, fraction: float, max_samples: int) -> list[dict[str, Any]]:
+    """The first ``max_samples`` held-out records of an unshuffled pass (the trainer's split and order)."""
+    from astrea.train.data import is_heldout
+
+    out = []
+    for rec in open_epoch(0, False):
+        if is_heldout(rec["key"], fraction):
+            out.append(rec)
+            if len(out) >= max_samples:
+                break
+    return out
+
+
 class _LossSum:
     def __init__(self) -> None:
         self.loss, self.tokens, self.samples = 0.0, 0, 0
@@ -171,7 +186,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, heldout_batches, store_opener
+    from astrea.train.data import Collator, store_opener
     from astrea.train.main_stage import MainStage
     from astrea.train.moe import RoutingStats
 
@@ -182,11 +197,18 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     if frac <= 0:
         raise TrainError(f"the run has dataset.heldout_fraction={frac}: it kept no held-out images to evaluate on")
 
+    # One pass over the store collects the held-out records with every expert any stage reads; each stage
+    # and task then collates them from memory (8 passes over a large store would read it 8 times).
+    union = list(dict.fromkeys(e for s in lr.stages for e in s.required_experts()))
+    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1), frac,
+                           ecfg.max_samples)
+
     def scored(stage, render):
-        experts = stage.required_experts()
-        opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1)
-        collate = Collator(render, model.tokenizer, experts, cfg.dataset.max_text_tokens)
-        return heldout_batches(opener, collate, ecfg.batch_size, heldout_fraction=frac, max_samples=ecfg.max_samples)
+        collate = Collator(render, model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens)
+        for i in range(0, len(held), ecfg.batch_size):
+            b = collate(held[i : i + ecfg.batch_size])
+            if b is not None:
+                yield b
 
     def lreg(stage, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         visual = stage.visual_tokens(model, batch)

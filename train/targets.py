@@ -113,10 +113,16 @@ def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     counts = rle.get("counts")
     if isinstance(counts, str | bytes):
         counts = _counts_from_string(counts.decode() if isinstance(counts, bytes) else counts)
-    if not isinstance(counts, list) or any(not isinstance(c, int | np.integer) or c < 0 for c in counts):
-        raise ValueError("RLE counts are neither a string nor a list of non-negative ints")
-    if sum(counts) != h * w:
-        raise ValueError(f"RLE counts sum to {sum(counts)}, size says {h}x{w}")
+    if not isinstance(counts, list):
+        raise ValueError("RLE counts are neither a string nor a list of ints")
+    try:
+        counts = np.asarray(counts, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError("RLE counts are not all integers") from None
+    if counts.ndim != 1 or (counts < 0).any():
+        raise ValueError("RLE counts must be a flat list of non-negative ints")
+    if int(counts.sum()) != h * w:
+        raise ValueError(f"RLE counts sum to {int(counts.sum())}, size says {h}x{w}")
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True  # runs alternate, background first
     return np.repeat(values, counts).reshape(w, h).T
@@ -173,24 +179,56 @@ def _counts_to_string(counts: list[int]) -> str:
     return "".join(out)
 
 
-def mask_polygon(mask: np.ndarray, points: int) -> list[tuple[float, float]]:
-    """Coarse outline of the largest region: at most ``points`` (x, y) vertices, normalised to 0..1."""
-    from skimage.measure import approximate_polygon, find_contours
+def mask_polygon(mask: np.ndarray, points: int, *, resolution: int = 32) -> list[tuple[float, float]]:
+    """Coarse outline of a mask: its convex hull, at most ``points`` (x, y) vertices, normalised 0..1.
 
+    The mask is first reduced to at most ``resolution`` cells a side (a cell is on when any of its
+    pixels is): the text only carries a handful of two-decimal vertices, so finer detail would be
+    thrown away anyway, and a random-weight SAM2 mask's ragged edge costs nothing this way.
+    """
     if not mask.any():
         return []
     h, w = mask.shape
-    padded = np.pad(mask.astype(np.float32), 1)  # closes contours that touch the border
-    contours = find_contours(padded, 0.5)
-    if not contours:
-        return []
-    c = max(contours, key=len) - 1.0
-    c = approximate_polygon(c, tolerance=max(h, w) / 50.0)
-    if len(c) > 1 and np.allclose(c[0], c[-1]):
-        c = c[:-1]  # closed ring: drop the repeated first point
-    if len(c) > points:
-        c = c[np.linspace(0, len(c) - 1, points).round().astype(int)]
-    return [(float(np.clip(x / max(w - 1, 1), 0, 1)), float(np.clip(y / max(h - 1, 1), 0, 1))) for y, x in c]
+    f = max(1, -(-max(h, w) // resolution))  # ceil
+    hp, wp = -(-h // f) * f, -(-w // f) * f
+    padded = np.zeros((hp, wp), dtype=bool)
+    padded[:h, :w] = mask
+    cells = padded.reshape(hp // f, f, wp // f, f).any(axis=(1, 3))
+    # Only each row's outermost cells can be on the hull; take their corners in pixel units (so a
+    # one-cell mask still gets an outline with area).
+    rows = np.nonzero(cells.any(axis=1))[0]
+    left = cells[rows].argmax(axis=1)
+    right = cells.shape[1] - 1 - cells[rows, ::-1].argmax(axis=1)
+    corners = set()
+    for y, x0, x1 in zip(rows.tolist(), left.tolist(), right.tolist(), strict=True):
+        for yy in (y * f, (y + 1) * f):
+            corners.add((float(x0 * f), float(yy)))
+            corners.add((float((x1 + 1) * f), float(yy)))
+    hull = _convex_hull(sorted(corners))
+    if len(hull) > points:
+        hull = [hull[i] for i in np.linspace(0, len(hull) - 1, points).round().astype(int)]
+    return [(min(x / w, 1.0), min(y / h, 1.0)) for x, y in hull]
+
+
+def _convex_hull(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Andrew's monotone chain on sorted points; counter-clockwise, no repeated point."""
+    if len(pts) <= 2:
+        return pts
+
+    def cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower: list[tuple[float, float]] = []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    upper: list[tuple[float, float]] = []
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return lower[:-1] + upper[:-1]
 
 
 def _box(box: Any) -> list[float] | None:
@@ -209,7 +247,9 @@ def _fmt_box(b: list[float], decimals: int) -> str:
     return "[" + ",".join(f"{v:.{decimals}f}" for v in b) + "]"
 
 
-def _label(label: Any) -> str:
+def _label(label: Any, max_chars: int = 40) -> str:
+    """A short, single-line label: detector phrases can be long (and random-weight ones are noise)."""
     if not isinstance(label, str) or not label.strip():
         return "object"
-    return " ".join(label.split())
+    text = " ".join(label.split())
+    return text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] or text[:max_chars]

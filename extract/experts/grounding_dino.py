@@ -221,7 +221,9 @@ class GroundingDinoOptions:
         if self.max_detections is not None and (not isinstance(self.max_detections, int) or self.max_detections < 1):
             raise ValueError(f"grounding_dino: options.max_detections={self.max_detections!r} must be >= 1 or None")
         if self.token_level != "mean" and (not isinstance(self.token_level, int) or self.token_level < 0):
-            raise ValueError(f"grounding_dino: options.token_level={self.token_level!r} must be a level index or 'mean'")
+            raise ValueError(
+                f"grounding_dino: options.token_level={self.token_level!r} must be a level index or 'mean'"
+            )
         if self.batching not in ("by_size", "pad"):
             raise ValueError(f"grounding_dino: options.batching={self.batching!r}; choose 'by_size' or 'pad'")
         if self.size is not None:
@@ -449,6 +451,11 @@ class GroundingDinoExpert(Expert):
         self._preprocessor = GroundingDinoPreprocessor(processor.image_processor, self.num_levels, self.num_queries)
         self._tag_len: dict[str, int] = {}
         self._captured: dict[str, Any] = {}
+        if not self.prompt_for(None)["phrases"]:
+            raise ValueError(
+                f"grounding_dino: options.vocabulary: its first phrase alone exceeds the model's "
+                f"{self.max_text_len}-token text limit; use short class names"
+            )
         # The encoder's inputs carry the level shapes and the padding mask the model derived; a
         # pre-hook reads them instead of re-deriving them (one source of truth).
         self.model.model.encoder.register_forward_pre_hook(self._capture, with_kwargs=True)
@@ -480,7 +487,9 @@ class GroundingDinoExpert(Expert):
             "tokens": f"encoder vision output, level {opts.token_level} (0 = stride 8), valid area, resampled",
             "pooled": "mean of the grid tokens",
             "model_config": {
-                "backbone": {k: mc.backbone_config.to_dict()[k] for k in ("embed_dim", "depths", "num_heads", "window_size")},
+                "backbone": {
+                    k: mc.backbone_config.to_dict()[k] for k in ("embed_dim", "depths", "num_heads", "window_size")
+                },
                 "text_hidden_size": int(mc.text_config.hidden_size),
                 "text_layers": int(mc.text_config.num_hidden_layers),
                 "d_model": d_model,
@@ -547,9 +556,13 @@ class GroundingDinoExpert(Expert):
     def prompt_for(self, prompt: dict | None) -> dict[str, Any]:
         """-> {"phrases", "source", "dropped"[, "note"]} for one image's prerequisite outputs."""
         source, note, tags = "vocabulary", None, None
+        if prompt is not None and not isinstance(prompt, dict):
+            note, prompt = f"prompt is a {type(prompt).__name__}, not a dict; used vocabulary", None
         rp = (prompt or {}).get("ram_plus")
         if rp is not None:
             try:
+                if isinstance(rp["tags"], str):  # a bare string would iterate as characters
+                    raise TypeError("tags is a string, not a list")
                 tags = normalise_tags(rp["tags"])
             except (TypeError, KeyError) as e:
                 note = f"ram_plus outputs unusable ({type(e).__name__}: {e}); used vocabulary"
@@ -582,6 +595,9 @@ class GroundingDinoExpert(Expert):
         }
 
     def forward(self, pixels: Any, prompts: list[dict] | None = None, pixel_mask: Any = None) -> list[ExpertOutput]:
+        """``pixels`` [B, 3, H, W] from :meth:`preprocess` (stacked) or :meth:`collate` (padded, with its
+        ``pixel_mask``, 1 = valid, valid area at the top left); ``prompts[i]`` the image's stored
+        prerequisite outputs (``{"ram_plus": {...}}``), ``{}`` or ``None`` for the vocabulary."""
         import torch
 
         b = int(pixels.shape[0])
@@ -625,10 +641,8 @@ class GroundingDinoExpert(Expert):
             token_type_ids=text["token_type_ids"].to(dev),
         )
         tokens = self._tokens(out.encoder_last_hidden_state_vision.float())
-        out.logits = out.logits.float()
-        out.pred_boxes = out.pred_boxes.float()
         dets = self.processor.post_process_grounded_object_detection(
-            out,
+            self._top_queries(out.logits, out.pred_boxes),
             # Python ints, not a tensor: identical phrases, but decoding 0-d tensors one by one is
             # the slowest step of the whole forward when many tokens pass the text threshold.
             input_ids=text["input_ids"].tolist(),
@@ -638,11 +652,11 @@ class GroundingDinoExpert(Expert):
         results = []
         for i, plan in enumerate(plans):
             d = dets[i]
-            scores = d["scores"].float().cpu()
+            scores = d["scores"]
             order = torch.argsort(scores, descending=True, stable=True)
             if self.opts.max_detections is not None:
                 order = order[: self.opts.max_detections]
-            boxes = d["boxes"].float().cpu()[order].clamp(0.0, 1.0)
+            boxes = d["boxes"][order].clamp(0.0, 1.0)
             labels = [d["text_labels"][k] for k in order.tolist()]
             outputs = {
                 "boxes": [[float(c) for c in bx] for bx in boxes.tolist()],
@@ -657,6 +671,29 @@ class GroundingDinoExpert(Expert):
             t = tokens[i]
             results.append(ExpertOutput(tokens=t.numpy(), pooled=t.mean(0).numpy(), outputs=outputs))
         return results
+
+    def _top_queries(self, logits: Any, boxes: Any) -> Any:
+        """The queries the post-processing has to look at, on CPU in float32.
+
+        The reference post-processing decodes a phrase for every query above the box threshold, one
+        GPU sync each (all 900 with saturated random weights: it then costs more than the model).
+        Only the ``max_detections`` highest-scoring queries can be kept, so the others are dropped
+        first; the survivors stay in query order and ties break by query index, so the result is
+        exactly reference-then-sort-then-cap.
+        """
+        import types
+
+        import torch
+
+        logits, boxes = logits.float().cpu(), boxes.float().cpu()
+        k = self.opts.max_detections
+        if k is not None and k < logits.shape[1]:
+            scores = logits.sigmoid().max(-1).values
+            keep = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k].sort(dim=1).values
+            logits = logits.gather(1, keep[..., None].expand(-1, -1, logits.shape[-1]))
+            boxes = boxes.gather(1, keep[..., None].expand(-1, -1, boxes.shape[-1]))
+        # post_process_grounded_object_detection reads only .logits and .pred_boxes when given input_ids.
+        return types.SimpleNamespace(logits=logits, pred_boxes=boxes)
 
     def _tokens(self, enc: Any) -> Any:
         """Encoder vision output [B, sum h_l*w_l, D] -> [B, grid*grid, D] float32 CPU, each image's valid

@@ -57,29 +57,28 @@ class _Arch:
     hub: str | None
 
 
+_HUB = "facebook/sam2.1-hiera-"
 _ARCHS: dict[str, _Arch] = {
-    "sam2.hiera_tiny": _Arch("configs/sam2.1/sam2.1_hiera_t.yaml", 1024, "sam2.1_hiera_tiny.pt", "facebook/sam2.1-hiera-tiny"),
-    "sam2.hiera_small": _Arch("configs/sam2.1/sam2.1_hiera_s.yaml", 1024, "sam2.1_hiera_small.pt", "facebook/sam2.1-hiera-small"),
+    "sam2.hiera_tiny": _Arch("configs/sam2.1/sam2.1_hiera_t.yaml", 1024, "sam2.1_hiera_tiny.pt", _HUB + "tiny"),
+    "sam2.hiera_small": _Arch("configs/sam2.1/sam2.1_hiera_s.yaml", 1024, "sam2.1_hiera_small.pt", _HUB + "small"),
     "sam2.hiera_base_plus": _Arch(
-        "configs/sam2.1/sam2.1_hiera_b+.yaml", 1024, "sam2.1_hiera_base_plus.pt", "facebook/sam2.1-hiera-base-plus"
+        "configs/sam2.1/sam2.1_hiera_b+.yaml", 1024, "sam2.1_hiera_base_plus.pt", _HUB + "base-plus"
     ),
-    "sam2.hiera_large": _Arch("configs/sam2.1/sam2.1_hiera_l.yaml", 1024, "sam2.1_hiera_large.pt", "facebook/sam2.1-hiera-large"),
+    "sam2.hiera_large": _Arch("configs/sam2.1/sam2.1_hiera_l.yaml", 1024, "sam2.1_hiera_large.pt", _HUB + "large"),
     # The real hiera-tiny architecture at 256 px (embedding 16x16): SAM2Base takes image_size as a
-    # config value and every module sizes itself from it. ~15x cheaper than 1024 px on CPU.
+    # config value and every module sizes itself from it. ~15x fewer FLOPs than 1024 px.
     "sam2.hiera_tiny_256": _Arch("configs/sam2.1/sam2.1_hiera_t.yaml", 256, "sam2.1_hiera_tiny.pt", None),
 }
 
+
+def _describe(name: str, a: _Arch) -> str:
+    size = name.split(".", 1)[1].replace("_256", "")
+    text = f"SAM2.1 {size} ({a.config_file.rsplit('/', 1)[1]}) at {a.image_size}px, embedding {a.image_size // 16}^2"
+    return text + ("; test/demo size, random weights" if a.hub is None else "")
+
+
 VARIANTS: dict[str, Variant] = {
-    name: Variant(
-        name,
-        EMBED_DIM,
-        EMBED_DIM,
-        a.image_size,
-        f"SAM2.1 {name.split('.', 1)[1].replace('_256', '')} ({a.config_file.rsplit('/', 1)[1]}) at {a.image_size}px, "
-        f"embedding {a.image_size // 16}x{a.image_size // 16}" + ("; test/demo size, random weights" if a.hub is None else ""),
-        a.hub,
-        small=a.hub is None,
-    )
+    name: Variant(name, EMBED_DIM, EMBED_DIM, a.image_size, _describe(name, a), a.hub, small=a.hub is None)
     for name, a in _ARCHS.items()
 }
 DEFAULT = "sam2.hiera_large"

@@ -127,8 +127,11 @@ def test_prompt_uses_ram_plus_tags_else_vocabulary(expert):
         assert p["source"] == "vocabulary" and p["phrases"] == list(gd.DEFAULT_VOCABULARY) and "note" not in p
     p = expert.prompt_for({"ram_plus": {"tags": []}})
     assert p["source"] == "vocabulary" and "no tags" in p["note"]
-    p = expert.prompt_for({"ram_plus": {"tags": [3, "cat"]}})
-    assert p["source"] == "vocabulary" and "unusable" in p["note"]
+    for bad in ({"ram_plus": {"tags": [3, "cat"]}}, {"ram_plus": {"tags": "cat"}}, {"ram_plus": {}}, {"ram_plus": 7}):
+        p = expert.prompt_for(bad)
+        assert p["source"] == "vocabulary" and "unusable" in p["note"], bad
+    p = expert.prompt_for(["cat"])
+    assert p["source"] == "vocabulary" and "not a dict" in p["note"]
     assert expert.spec.config["vocabulary"] == list(gd.DEFAULT_VOCABULARY)
 
 
@@ -241,6 +244,26 @@ def test_fp16_storage_error_is_small(expert):
     assert err["rel_to_max"] < 1e-3
 
 
+def test_outputs_round_trip_through_the_store(expert, tmp_path):
+    """What forward returns is what the store contract takes: JSON outputs, fp16 arrays."""
+    import json
+
+    from astrea.shards import Store
+
+    xs = torch.stack([expert.preprocess(_image(90, 140, seed=s)) for s in range(2)])
+    outs = expert.forward(xs, [{"ram_plus": {"tags": TAGS}}, {}])
+    edir = Store(tmp_path / "store").expert_dir("toy", expert.spec, create=True)
+    w = edir.open_unit("00000")
+    for i, o in enumerate(outs):
+        json.dumps(o.outputs, allow_nan=False)
+        w.add(f"k{i}", o.tokens, o.pooled, o.outputs)
+    w.commit()
+    recs = list(edir.iter_unit("00000"))
+    assert [r.outputs for r in recs] == [o.outputs for o in outs]
+    for r, o in zip(recs, outs):
+        np.testing.assert_allclose(np.asarray(r.tokens, np.float32), o.tokens, rtol=2**-10, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
@@ -256,6 +279,17 @@ def test_odd_image_modes_are_converted(expert, mode):
     img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
     x = expert.preprocess(decode_image(buf.getvalue()))
     assert x.shape == (3, 128, 128) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_preprocessor_travels_without_the_model(expert):
+    """CPU decode workers get ``expert.preprocessor()`` through Ray's cloudpickle: it must be small
+    (no weights) and give exactly ``expert.preprocess``."""
+    import ray.cloudpickle as cloudpickle
+
+    blob = cloudpickle.dumps(expert.preprocessor())
+    assert len(blob) < 200_000
+    img = _image(77, 133)
+    assert torch.equal(cloudpickle.loads(blob)(img), expert.preprocess(img))
 
 
 def test_too_thin_for_the_queries_is_refused_per_key():
@@ -279,6 +313,7 @@ def test_too_thin_for_the_queries_is_refused_per_key():
         ({"batching": "sometimes"}, "batching"),
         ({"size": {"shortest_edge": 800}}, "size"),
         ({"vocabulary": [" . "]}, "vocabulary"),
+        ({"vocabulary": ["x " * 300]}, "vocabulary"),  # one phrase over the 256-token text limit
         ({"vocab": ["cat"]}, "vocab"),
     ],
 )
@@ -293,14 +328,29 @@ def test_vocabulary_option_accepts_a_dotted_string():
     assert e.prompt_for(None)["phrases"] == ["cat", "dog", "bird"]
 
 
-def test_token_level_mean_and_detection_cap():
-    e = _build(options={"token_level": "mean", "max_detections": 2, "box_threshold": 0.0})
+def test_detection_cap_equals_capped_reference():
+    """max_detections drops queries before the post-processing; the result must still be exactly the
+    reference's detections sorted by score and cut."""
+    capped = _build(options={"max_detections": 3})
+    img = _image(90, 140, seed=1)
+    x = capped.preprocess(img)
+    _, _, dets = _reference(capped, [img], [TAGS])
+    out = capped.forward(x[None], [{"ram_plus": {"tags": TAGS}}])[0]
+    boxes, labels, scores = _sorted_reference(dets[0])
+    assert len(labels) > 3 and len(out.outputs["labels"]) == 3
+    assert out.outputs["labels"] == labels[:3]
+    np.testing.assert_allclose(out.outputs["scores"], scores[:3], atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.reshape(out.outputs["boxes"], (-1, 4)), boxes[:3], atol=ATOL, rtol=RTOL)
+
+
+def test_token_level_mean():
+    e = _build(options={"token_level": "mean"})
     x = e.preprocess(_image(90, 140))
     out = e.forward(x[None])[0]
-    assert out.tokens.shape == (576, 64) and len(out.outputs["scores"]) == 2
-    full = _build(options={"box_threshold": 0.0}).forward(x[None])[0]
-    assert out.outputs["scores"] == full.outputs["scores"][:2]  # the cap keeps the highest scores
-    assert not np.allclose(out.tokens, full.tokens)  # level mean differs from level 0
+    assert out.tokens.shape == (576, 64)
+    level0 = _build().forward(x[None])[0]
+    assert out.outputs == level0.outputs  # same model and prompt: only the tokens' level differs
+    assert not np.allclose(out.tokens, level0.tokens)
 
 
 def test_grid_option_changes_token_count():

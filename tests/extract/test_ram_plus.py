@@ -3,8 +3,8 @@
 Fidelity to the official model (github xinyu1205/recognize-anything @7cb804a) was checked once, outside
 the test suite, by instantiating the official ``RAM_plus(vit='swin_l', image_size=384)`` from its source
 (transformers-5 shims for the import only), loading its random state dict into ``RamPlus`` and comparing:
-identical 402 keys/shapes/order, identical derived buffers, image embeddings within 2.2e-6 and tag
-logits within 2.4e-5 (abs) on two 384px images, identical thresholded tags. The official code cannot be
+identical 402 keys/shapes/order, identical derived buffers, bit-identical image embeddings and tag
+logits within 1.9e-5 (abs, logits up to 3.0) on two 384px images, identical thresholded tags. The official code cannot be
 fetched in tests, so what stays here is the layout fixture from that check and independent
 re-derivations of the parts that are easy to get subtly wrong (shift masks, bias indices, reweighting).
 """
@@ -31,7 +31,6 @@ from astrea.extract.experts.ram_plus import (
     HUB_ID,
     VARIANTS,
     CheckpointLayoutError,
-    build,
     read_checkpoint,
 )
 from astrea.extract.experts.ram_plus_model import RamPlusArch, relative_position_index, shifted_window_mask
@@ -427,8 +426,16 @@ def test_real_size_bfloat16_on_gpu_agrees_with_float32():
     e32 = ExpertConfig("ram_plus", arch=DEFAULT, device="cuda").build()
     e16 = ExpertConfig("ram_plus", arch=DEFAULT, device="cuda", compute_dtype="bfloat16").build()
     x = torch.stack([e32.preprocess(shapes_image(c, (400, 300))) for c in ("red", "blue", "green", "black")])
-    for a, b in zip(e32.forward(x), e16.forward(x)):
+    s32, s16 = e32.tag_scores(x), e16.tag_scores(x)
+    # Measured on an H100 with these random weights: mean |gap| ~0.002, max ~0.065 over 4585 tags.
+    gap = float((s32 - s16).abs().max())
+    assert float((s32 - s16).abs().mean()) < 0.01 and gap < 0.15, gap
+    thr = e32.thresholds
+    for i, (a, b) in enumerate(zip(e32.forward(x), e16.forward(x))):
         rel = np.abs(a.tokens - b.tokens).max() / np.abs(a.tokens).max()
-        assert rel < 0.05
-        ta, tb = set(a.outputs["tags"]), set(b.outputs["tags"])
-        assert len(ta & tb) / max(1, len(ta | tb)) > 0.9
+        assert rel < 0.05, rel
+        # Tags may flip only where the fp32 score sits within the bf16 error of the threshold.
+        flipped = set(a.outputs["tags"]) ^ set(b.outputs["tags"])
+        for t in flipped:
+            j = e32.tags.index(t)
+            assert abs(float(s32[i, j]) - float(thr[j])) <= gap, (t, float(s32[i, j]), gap)

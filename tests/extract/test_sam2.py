@@ -137,8 +137,6 @@ def test_outputs_follow_the_store_contract(expert, base):
 
 
 def test_grid_nms_and_caps(expert, base):
-    import torch
-
     with torch.inference_mode():
         embed, high_res = expert.image_features(base[1])  # one encoder pass, two mask settings
     loose = _sharing(expert, options={"points_per_side": 3, "score_threshold": 0.0, "nms_iou": 1.0, "max_masks": 4})

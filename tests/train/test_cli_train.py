@@ -27,10 +27,3 @@ def test_bad_set_names_the_field(tmp_path):
                                    str(tmp_path / "run"), "--set", "optim.lrr=1"])
     assert res.exit_code == 2 and "optim.lrr" in res.output
 
-
-def test_cli_trains_one_step(toy_store, tmp_path):
-    res = CliRunner().invoke(app, ["train", "--from-shards", str(toy_store), "--data", "toy", "--out",
-                                   str(tmp_path / "run"), "--stages", "caption", "--steps", "1", "--no-progress",
-                                   "--set", "dataset.heldout_fraction=0.2"])
-    assert res.exit_code == 0, res.output
-    assert "RANDOM WEIGHTS" in res.output and "caption" in res.output

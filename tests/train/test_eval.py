@@ -45,7 +45,7 @@ def write_store(root: Path, n: int = 24) -> Path:
 
 
 def train_tiny(root: Path, **overrides) -> Path:
-    from astrea.train.runner import run  # the module, not the package attribute it can shadow
+    from astrea.train.runner import run
     from astrea.train.config import TrainConfig
 
     store = root / "store"

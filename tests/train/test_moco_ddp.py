@@ -17,9 +17,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         moco = MoCoConfig(visual_dim=4, text_dim=4, embed_dim=2, queue_size=6).build()
-        sizes = {0: [3, 1, 2], 1: [1, 0, 2]}[rank]  # uneven, one empty batch, wrap-around on the 3rd
+        sizes = {0: [3, 1, 0, 2], 1: [1, 0, 0, 2]}[rank]  # uneven, empty on one rank and on all, wrap-around
         for step, b in enumerate(sizes):
-            base = 100 * rank + 10 * step
+            base = 100 * rank + 10 * min(step, 2)
             k = torch.arange(base, base + b, dtype=torch.float32)[:, None].repeat(1, 2)
             moco.enqueue(k, -k, sample_ids([f"{rank}-{step}-{i}" for i in range(b)]))
         save_file({k: v.contiguous() for k, v in moco.state_dict().items() if k.startswith("queue")},

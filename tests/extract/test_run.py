@@ -1,0 +1,305 @@
+"""The extraction job end to end: Ray (local, 2 CPUs, started once for the module), real experts at
+their small sizes with random weights, the real store, an img2dataset-format source with bad members.
+
+One `--expert all` run is shared by most tests (starting four expert actor pools is the expensive
+part); the kill/resume test compares its own interrupted-then-resumed store with that run's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from astrea.extract import ExtractConfig, ExtractConfigError, ExtractError, run  # noqa: E402
+from astrea.extract.config import parse_keyed, parse_options, select_shards  # noqa: E402
+
+GOOD_SHARDS = ["00000", "00001", "00002", "00003"]
+BAD_SHARD = "00004"
+PER_SHARD = 4
+BATCH = 2
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+def _image_bytes(rng: np.random.Generator, i: int) -> tuple[bytes, str]:
+    from PIL import Image
+
+    h, w = int(rng.integers(40, 130)), int(rng.integers(40, 130))
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    if i % 3 == 1:  # grayscale PNG: converted to RGB by the shared decoder
+        Image.fromarray(arr[..., 0]).save(buf, format="PNG")
+        return buf.getvalue(), "png"
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), "jpg"
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(root: Path, shard: str, members: list[tuple[str, bytes]], keys: list[tuple[str, str | None]]) -> None:
+    """An img2dataset-style shard: NNNNN.tar (key.jpg/.txt/.json), NNNNN.parquet, NNNNN_stats.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tarfile.open(root / f"{shard}.tar", "w") as tar:
+        for name, data in members:
+            _add(tar, name, data)
+    pq.write_table(pa.table({
+        "key": [k for k, _ in keys], "caption": [c for _, c in keys],
+        "url": [f"file:///images/{k}.jpg" for k, _ in keys],
+        "status": ["success"] * len(keys), "error_message": [None] * len(keys),
+    }), root / f"{shard}.parquet")
+    (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(keys), "successes": len(keys), "failed_to_download": 0}))
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toyset") / "toyset"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    n = 0
+    for shard in GOOD_SHARDS:
+        members, keys = [], []
+        for _ in range(PER_SHARD):
+            key = f"{n:09d}"
+            img, ext = _image_bytes(rng, n)
+            members += [(f"{key}.{ext}", img), (f"{key}.txt", f"caption {n}".encode()),
+                        (f"{key}.json", json.dumps({"key": key, "caption": f"caption {n}"}).encode())]
+            keys.append((key, f"caption {n}"))
+            n += 1
+        _write_shard(root, shard, members, keys)
+    good, _ = _image_bytes(rng, 0)
+    bad = [
+        (f"{n:09d}", [(f"{n:09d}.jpg", good), (f"{n:09d}.txt", b"a good one")]),
+        (f"{n + 1:09d}", [(f"{n + 1:09d}.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg"), (f"{n + 1:09d}.txt", b"corrupt")]),
+        (f"{n + 2:09d}", [(f"{n + 2:09d}.jpg", b""), (f"{n + 2:09d}.txt", b"zero bytes")]),
+        (f"{n + 3:09d}", [(f"{n + 3:09d}.txt", b"a caption without an image")]),
+        (f"{n + 4:09d}", [(f"{n + 4:09d}.jpg", good[: len(good) // 3]), (f"{n + 4:09d}.txt", b"truncated")]),
+        ("../evil", [("../evil.jpg", good), ("../evil.txt", b"odd member name")]),
+    ]
+    _write_shard(root, BAD_SHARD, [m for _, ms in bad for m in ms], [(k, None) for k, _ in bad])
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+def _cfg(source: Path, store: Path, experts: list[str], **kw) -> ExtractConfig:
+    return ExtractConfig(experts=experts, data=str(source), store=str(store), small=True, weights={"*": "random"},
+                         batch_size=BATCH, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, source_dir, ray_cluster):
+    store = tmp_path_factory.mktemp("store_all") / "store"
+    report = run(_cfg(source_dir, store, ["all"]))
+    return store, report
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def _unit_content(edir, unit: str) -> list[tuple]:
+    """Everything a reader sees of a unit: index rows and raw array bytes (timing lives only in stats)."""
+    rows = edir.read_index(unit).to_pylist()
+    arrays = [(row["key"], None if s is None else (s[0].tobytes(), s[1].tobytes(), s[2]))
+              for row, s in edir.iter_stored(unit)]
+    return [json.dumps(rows, sort_keys=True, default=str), arrays]
+
+
+# -- the job --------------------------------------------------------------------------------------
+def test_all_experts_fill_the_store_and_it_verifies(extracted, source_dir):
+    from astrea.shards import Store
+    from astrea.shards.audit import verify
+
+    store_root, report = extracted
+    assert report["status"] == "done"
+    assert [r["expert"] for r in report["experts"]] == ["siglip", "ram_plus", "grounding_dino", "sam2"]
+    store = Store(store_root)
+    dataset = report["dataset"]
+    for r in report["experts"]:
+        assert r["random_weights"] is True
+        assert sorted(r["units_committed"]) == [*GOOD_SHARDS, BAD_SHARD]
+        # + the good one of the bad shard, + '../evil' when the source sanitises its name (else it fails
+        # as an invalid key, recorded under a stand-in key)
+        assert len(GOOD_SHARDS) * PER_SHARD + 1 <= r["images_ok"] <= len(GOOD_SHARDS) * PER_SHARD + 2
+        edir = store.resolve(dataset, f"{r['expert']}@{r['fingerprint']}")
+        for u in GOOD_SHARDS:
+            st = edir.stats(u)
+            assert (st["images"], st["ok"], st["failed"]) == (PER_SHARD, PER_SHARD, 0)
+        bad = edir.stats(BAD_SHARD)
+        assert bad["failed"] >= 4 and bad["images"] in (5, 6), bad  # corrupt, zero-byte, caption-only, truncated
+        # The job's report sits beside the units and says the weights were random.
+        saved = json.loads((edir.path / "extract_report.json").read_text())
+        assert saved["random_weights"] is True and saved["fingerprint"] == r["fingerprint"]
+    rep = verify(store, dataset)
+    assert rep.ok, rep.to_dict()
+    assert rep.units_checked == 4 * 5
+    # Nothing escaped the store through the '../evil' member name.
+    assert not (source_dir.parent / "evil.jpg").exists() and not (store_root.parent / "evil.jpg").exists()
+    assert not any(p.name.startswith("evil") for p in store_root.parent.iterdir())
+
+
+def test_dependent_experts_are_prompted_by_stored_predictions(extracted):
+    from astrea.shards import Store
+
+    store_root, report = extracted
+    by = {r["expert"]: r for r in report["experts"]}
+    store = Store(store_root)
+    gd = store.resolve(report["dataset"], f"grounding_dino@{by['grounding_dino']['fingerprint']}")
+    sam = store.resolve(report["dataset"], f"sam2@{by['sam2']['fingerprint']}")
+    # The prerequisite's fingerprint is part of the dependent spec: new tags -> new detector directory.
+    assert gd.spec.prerequisites == {"ram_plus": by["ram_plus"]["fingerprint"]}
+    assert sam.spec.prerequisites == {"grounding_dino": by["grounding_dino"]["fingerprint"]}
+    ram = store.resolve(report["dataset"], f"ram_plus@{by['ram_plus']['fingerprint']}")
+    tags = {r.key: r.outputs for r in ram.iter_unit("00000", include_failed=False)}
+    dets = {r.key: r.outputs for r in gd.iter_unit("00000", include_failed=False)}
+    assert tags.keys() == dets.keys() and all("tags" in v for v in tags.values())
+    assert all(set(d) >= {"boxes", "labels", "scores"} for d in dets.values())
+
+
+def test_failures_are_recorded_per_key_with_reasons(extracted):
+    from astrea.shards import Store
+
+    store_root, report = extracted
+    siglip = report["experts"][0]
+    edir = Store(store_root).resolve(report["dataset"], f"siglip@{siglip['fingerprint']}")
+    failed = {r.key: r.error for r in edir.iter_unit(BAD_SHARD) if r.status != "ok"}
+    reasons = " | ".join(failed.values())
+    assert "empty file" in reasons or "empty" in reasons, failed
+    assert "missing image" in reasons or "no image" in reasons, failed
+    assert "undecodable" in reasons, failed
+    assert siglip["failures_by_reason"] and sum(siglip["failures_by_reason"].values()) == siglip["images_failed"]
+
+
+def test_rerun_of_a_finished_job_does_nothing(extracted, source_dir):
+    store_root, _ = extracted
+    before = _snapshot(store_root)
+    report = run(_cfg(source_dir, store_root, ["all"]))
+    assert report["status"] == "nothing to do"
+    assert all(r["status"] == "nothing to do" and not r["units_committed"] for r in report["experts"])
+    assert _snapshot(store_root) == before
+
+
+def test_missing_prerequisite_is_a_clear_error(tmp_path, source_dir, ray_cluster):
+    with pytest.raises(ExtractError, match=r"grounding_dino.*--without-prerequisites"):
+        run(_cfg(source_dir, tmp_path / "store", ["sam2"]))
+    # ... and an explicit prerequisite that the store does not hold is named too.
+    with pytest.raises(ExtractError, match="ram_plus"):
+        run(_cfg(source_dir, tmp_path / "store", ["grounding_dino"], prerequisites={"ram_plus": "ram_plus@abc"}))
+
+
+@pytest.mark.parametrize("kill_points", [(1,), pytest.param((0, 1, 2), marks=pytest.mark.slow)], ids=["after1", "after0-1-2"])
+def test_kill_and_resume_gives_the_uninterrupted_bytes(tmp_path, source_dir, extracted, ray_cluster, kill_points):
+    """SIGKILL the job (a separate driver process on the module's cluster) before its first commit (0)
+    or once N more units are committed; each rerun does only what is missing; the end result is
+    identical to the uninterrupted run's siglip units (keys, index rows, array bytes). The default
+    suite kills once (each kill costs a driver start); `-m slow` kills at three points in a row."""
+    from astrea.shards import Store
+
+    ref_root, ref_report = extracted
+    siglip_fp = ref_report["experts"][0]["fingerprint"]
+    ref = Store(ref_root).resolve(ref_report["dataset"], f"siglip@{siglip_fp}")
+    store_root = tmp_path / "store"
+    cmd = [sys.executable, "-c", "from astrea.cli import main; main()", "extract", "--expert", "siglip",
+           "--data", str(source_dir), "--store", str(store_root), "--small", "--weights", "random",
+           "--batch-size", str(BATCH), "--address", ray_cluster, "--no-progress"]
+    edir_path = store_root / ref_report["dataset"] / f"siglip@{siglip_fp}"
+
+    def committed() -> int:
+        return len(list(edir_path.glob("*_stats.json"))) if edir_path.is_dir() else 0
+
+    kills = []
+    for after in kill_points:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        start = committed()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (after == 0 and edir_path.is_dir()) or (after > 0 and committed() >= start + after):
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()  # reaped: the store sees the writer's pid as gone, so its temp files are stale
+        kills.append(committed())
+    assert kills[-1] < 5, f"the kills should land before the job finishes: {kills}"
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stdout + final.stderr
+    got = Store(store_root).resolve(ref_report["dataset"], f"siglip@{siglip_fp}")
+    assert not got.temp_files() and got.committed_units() == ref.committed_units()
+    for u in ref.committed_units():
+        assert _unit_content(got, u) == _unit_content(ref, u), u
+    # and one more rerun is a no-op
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_config_errors_name_the_field(tmp_path, source_dir):
+    from astrea.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="sam3"):
+        ExtractConfig(experts=["sam3"], data=str(source_dir)).validate()
+    with pytest.raises(ExtractConfigError, match="batch_size"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), batch_size=0).validate()
+    with pytest.raises(ExtractConfigError, match="format"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), format="npz").validate()
+    with pytest.raises(ExtractConfigError, match="weights: 'sam2' is not one of the experts"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), weights={"sam2": "random"}).validate()
+    with pytest.raises(UnknownNameError, match="siglip arch"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), arch={"siglip": "vit_huge"}).validate()
+    with pytest.raises(ExtractConfigError, match="device"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), device="tpu").validate()
+    assert ExtractConfig(experts=["sam2", "siglip", "all"], data="x").expert_names() == [
+        "siglip", "ram_plus", "grounding_dino", "sam2"]
+
+
+def test_cli_value_parsing():
+    names = ["siglip", "sam2"]
+    assert parse_keyed(["random", "sam2=/w/s.pt"], field_name="--weights", experts=names) == {"*": "random", "sam2": "/w/s.pt"}
+    # '=' inside a path or hub id that is not EXPERT=... stays a global value
+    assert parse_keyed(["/data/a=b.pt"], field_name="--weights", experts=names) == {"*": "/data/a=b.pt"}
+    with pytest.raises(ExtractConfigError, match="twice"):
+        parse_keyed(["random", "hub/x"], field_name="--weights", experts=names)
+    assert parse_options(["sam2.points_per_side=8", "sam2.name=x"], experts=names) == {
+        "sam2": {"points_per_side": 8, "name": "x"}}
+    with pytest.raises(ExtractConfigError, match="EXPERT.KEY=VALUE"):
+        parse_options(["points=8"], experts=names)
+    shards = ["00000", "00001", "00002", "00003", "00010"]
+    assert select_shards(shards, "00001,00003-00010") == ["00001", "00003", "00010"]
+    with pytest.raises(ExtractConfigError, match="no shard named"):
+        select_shards(shards, "00042")
+
+
+def test_plan_selects_whole_shards_for_limit_and_shards(source_dir):
+    plan = ExtractConfig(experts=["siglip"], data=str(source_dir), small=True, limit=5).build()
+    assert plan.shards == ["00000", "00001"]  # whole shards until >= 5 images: a unit is never partial
+    plan = ExtractConfig(experts=["siglip"], data=str(source_dir), small=True, shards="00001-00002").build()
+    assert plan.shards == ["00001", "00002"]
+    with pytest.raises(ExtractConfigError, match="data="):
+        ExtractConfig(experts=["siglip"], data=str(source_dir / "nope")).build()
