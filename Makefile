@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
 	# sam2 ships as an sdist whose setup.py imports torch; build against the installed torch and skip
