@@ -32,7 +32,10 @@ def load() -> dict[str, Any]:
     p = config_path()
     if not p.exists():
         return {}
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML ({str(e).splitlines()[0]}); fix or delete the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -41,10 +44,33 @@ def load() -> dict[str, Any]:
 def save(data: dict[str, Any]) -> None:
     p = config_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".yaml.tmp")
+    tmp = p.with_suffix(f".yaml.tmp{os.getpid()}")  # two processes saving at once never share a temp file
     tmp.write_text(yaml.safe_dump(data, sort_keys=True))
     os.replace(tmp, p)
 
 
 def default_store() -> Path:
     return Path(load().get("store", DEFAULT_STORE)).expanduser()
+
+
+# -- dataset catalog ------------------------------------------------------------------------------
+# config.yaml `datasets:` maps a name to {format, path, options}; astrea.data.catalog reads and edits it.
+def datasets() -> dict[str, dict[str, Any]]:
+    """The catalog as written in config.yaml (validated by astrea.data.catalog, not here)."""
+    entries = load().get("datasets") or {}
+    if not isinstance(entries, dict):
+        raise ValueError(f"{config_path()}: 'datasets' must be a mapping of name -> {{format, path}}, "
+                         f"got {type(entries).__name__}")
+    return entries
+
+
+def set_dataset(name: str, entry: dict[str, Any] | None) -> None:
+    """Add or replace (``entry``) or remove (``None``) one catalog entry, keeping the rest of the file."""
+    data = load()
+    entries = dict(data.get("datasets") or {})
+    if entry is None:
+        entries.pop(name, None)
+    else:
+        entries[name] = entry
+    data["datasets"] = entries
+    save(data)

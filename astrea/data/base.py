@@ -9,7 +9,7 @@ Contract for every reader (webdataset, coco, folder):
 - ``Sample.key`` is always a *safe* key (:func:`check_key`): never empty, no ``/``, ``\\``, ``.``,
   control characters. A source key that is not safe is never used: the sample gets the stand-in key
   ``invalid-key-NNNNNN`` (its position in the shard) and ``error="invalid key: ..."`` naming the
-  original. Keys are never used to build a path, here or downstream;
+  original (or the reader's own diagnosis when it gave one, e.g. ``"bad member name: '../x.jpg' ..."``). Keys are never used to build a path, here or downstream;
 - bad input never raises out of iteration: each bad item becomes a ``Sample`` with ``error`` set
   (``"kind: detail"``, the kind before the first colon is what summaries group by), and problems of
   the shard as a whole (a truncated tar, an unreadable index) are appended to ``shard.errors``
@@ -126,9 +126,10 @@ def _finalise(sample: Sample, index: int, seen: set[str]) -> Sample:
     """Enforce the key contract in one place for every reader: safe and unique within the shard."""
     reason = check_key(sample.key)
     if reason is not None:
-        prior = f"; {sample.error}" if sample.error else ""
-        sample = Sample(stand_in_key(index), None, sample.caption, sample.labels,
-                        f"invalid key: {sample.key!r} {reason}{prior}")
+        # A reader that already diagnosed the problem (e.g. "bad member name: '../x.jpg' ...") keeps
+        # its reason; the unsafe key itself is dropped either way.
+        error = sample.error or f"invalid key: {sample.key!r} {reason}"
+        sample = Sample(stand_in_key(index), None, sample.caption, sample.labels, error)
     elif sample.key in seen:
         sample = Sample(stand_in_key(index), None, sample.caption, sample.labels,
                         f"duplicate key: {sample.key!r} appears earlier in the shard")
