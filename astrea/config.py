@@ -11,7 +11,9 @@ Both are optional; ``--store`` on the command line always wins.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,34 @@ def datasets() -> dict[str, dict[str, Any]]:
 
 
 def set_dataset(name: str, entry: dict[str, Any] | None) -> None:
-    """Add or replace (``entry``) or remove (``None``) one catalog entry, keeping the rest of the file."""
-    data = load()
-    entries = dict(data.get("datasets") or {})
-    if entry is None:
-        entries.pop(name, None)
-    else:
-        entries[name] = entry
-    data["datasets"] = entries
-    save(data)
+    """Add or replace (``entry``) or remove (``None``) one catalog entry, keeping the rest of the file.
+
+    Read-modify-write under an exclusive lock, so two commands registering datasets at once (the demo
+    and a user's ``astrea data add``) both land. The file is rewritten by PyYAML: comments are lost.
+    """
+    with _locked():
+        data = load()
+        entries = dict(data.get("datasets") or {})
+        if entry is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = entry
+        data["datasets"] = entries
+        save(data)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    lock = config_path().with_name("config.yaml.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, last writer wins
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

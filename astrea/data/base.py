@@ -145,5 +145,17 @@ def key_from_relpath(rel: str) -> str:
     return "__".join(parts)[:MAX_KEY_LENGTH]
 
 
+def unique_key(key: str, rel: str, used: set[str]) -> str:
+    """``key``, or when another file of the shard already has it (``a.jpg`` + ``a.png``, or
+    ``a b.jpg`` + ``a_b.jpg``), ``key-HASH8`` from this file's own relative path: no image is lost to a
+    collision and the key still depends only on the file's path. Adds the result to ``used``."""
+    if key in used:
+        import hashlib
+
+        key = f"{key[: MAX_KEY_LENGTH - 9]}-{hashlib.sha1(rel.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+    used.add(key)
+    return key
+
+
 def is_image_name(name: str) -> bool:
     return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTENSIONS

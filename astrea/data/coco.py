@@ -27,7 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from astrea.data.base import DEFAULT_MAX_IMAGE_BYTES, DataError, Sample, ShardBase, key_from_relpath, shard_name
+from astrea.data.base import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DataError,
+    Sample,
+    ShardBase,
+    key_from_relpath,
+    shard_name,
+    unique_key,
+)
 from astrea.data.folder import read_file
 
 FORMAT = "coco"
@@ -92,13 +100,14 @@ class CocoShard(ShardBase):
         return len(self.images)
 
     def _samples(self) -> Iterator[Sample]:
+        used: set[str] = set()
         for img in self.images:
             labels = dict(img["labels"])
             caps = labels.get("captions") or []
             caption = caps[0] if caps else None
             rel = _safe_rel(img.get("file_name"))
-            stem = str(img.get("file_name", img.get("id")))
-            key = key_from_relpath(PurePosixPath(stem).name) if stem else str(img.get("id"))
+            stem = str(img.get("file_name") or img.get("id"))
+            key = unique_key(key_from_relpath(PurePosixPath(stem).name), f"{img['split']}/{stem}", used)
             if rel is None:
                 yield Sample(key, None, caption, labels,
                              f"invalid path: file_name {img.get('file_name')!r} is not a relative path inside the image folder")

@@ -27,6 +27,7 @@ from astrea.data.base import (
     is_image_name,
     key_from_relpath,
     shard_name,
+    unique_key,
 )
 
 FORMAT = "folder"
@@ -77,10 +78,11 @@ class FolderShard(ShardBase):
         return len(self.entries)
 
     def _samples(self) -> Iterator[Sample]:
+        used: set[str] = set()
         for rel, is_image in self.entries:
             path = self.root / rel
             stem = path.with_suffix("")
-            key = key_from_relpath(rel)
+            key = unique_key(key_from_relpath(rel), rel, used)
             caption = _sidecar_text(stem.with_name(stem.name + ".txt"))
             labels, bad_json = _sidecar_labels(stem.with_name(stem.name + ".json"))
             labels = {**labels, "path": rel}
