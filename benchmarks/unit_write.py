@@ -1,17 +1,21 @@
 """Unit writer throughput: images/s and MB/s of ``ExpertDir.open_unit`` -> ``add`` x N -> ``commit``.
 
     .venv/bin/python benchmarks/unit_write.py [--images 96] [--grid 24] [--dim 1152] [--formats zarr,wds]
-        [--threads 1,2,4] [--dir /fast/disk]
+        [--modes sync:1,bg:1,bg:2,bg:4] [--repeat 2] [--dir /fast/disk]
 
 This is the part of ``astrea extract`` that runs on the Ray driver: everything a unit costs after the
 expert's forward (fp16 conversion, finiteness check, per-row checksum, zstd compression, tar/zarr
 writes, fsync, parquet index, stats). MB/s counts the logical token+pooled bytes in the storage dtype.
 
 Features are smooth low-rank spatial fields plus small noise (see ``store_io.synthetic_features``),
-handed over as float32 as the extraction job does; white noise would compress worse than real features.
-``--threads`` sets zarr's ``threading.max_workers`` (the pool that runs zstd, which releases the GIL):
-on a machine with more free cores, more threads compress more chunks at once.
-An untimed warm-up unit pays imports and first-call costs.
+handed over as float16 arrays, as the extraction job does (the actors convert to the storage dtype);
+white noise would compress worse than real features.
+``--modes`` compares Zarr writer settings, ``MODE:SHARDS``: ``sync:1`` is the writer before the
+change (one shard per zarr call, written on the caller's thread), ``bg:K`` writes blocks of K whole
+shards on the writer's background thread (the default is ``bg:2``). Every mode writes byte-identical
+units (same chunks, shards, codec). zarr compresses the chunks of a call concurrently on its own pool
+(``zarr.config`` ``threading.max_workers``, default: Python's, min(32, cores + 4)).
+An untimed warm-up unit pays imports and first-call costs; the best of ``--repeat`` units is shown.
 """
 
 from __future__ import annotations
@@ -48,34 +52,40 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", type=int, default=24)
     ap.add_argument("--dim", type=int, default=1152)
     ap.add_argument("--formats", default="zarr,wds")
-    ap.add_argument("--threads", default="", help="comma list of zarr threading.max_workers to compare "
-                    "(default: zarr's own setting only)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed units per setting (best is reported)")
+    ap.add_argument("--modes", default="sync:1,bg:1,bg:2,bg:4",
+                    help="Zarr writer settings to compare, MODE:SHARDS with MODE sync|bg (sync:1 = before)")
+    ap.add_argument("--repeat", type=int, default=2, help="timed units per setting (the best is reported)")
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     a = ap.parse_args(argv)
     import zarr
 
+    from astrea.shards.zarr_unit import ZarrUnitWriter
+
     tokens, pooled = synthetic_features(a.images, a.grid, a.dim)
+    tokens, pooled = tokens.astype(np.float16), pooled.astype(np.float16)
     mb = (tokens.shape[1] * tokens.shape[2] + pooled.shape[1]) * 2 * a.images / 1e6  # fp16 logical bytes
-    threads = [int(t) for t in a.threads.split(",") if t] or [None]
+    modes = [(m.split(":")[0], int(m.split(":")[1])) for m in a.modes.split(",") if m]
+    for mode, _ in modes:
+        if mode not in ("sync", "bg"):
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use sync:K or bg:K")
     base = Path(tempfile.mkdtemp(prefix="astrea-unit-write-", dir=a.dir))
     try:
         print(f"{a.images} images of [{a.grid * a.grid}, {a.dim}] float16 ({mb / a.images:.2f} MB each); "
               f"zarr {zarr.__version__}")
-        print("| format | zarr threads | images/s | MB/s | CPU s / wall s | bytes/image |")
+        print("| format | writer | images/s | MB/s | CPU s / wall s | bytes/image |")
         print("|---|---|---|---|---|---|")
         u = 0
         for fmt in a.formats.split(","):
-            for t in threads:
-                cfg = {} if t is None else {"threading.max_workers": t}
-                with zarr.config.set(cfg):
-                    write_unit(base / "warm", fmt, f"{u:05d}", tokens[:4], pooled[:4], a.grid)
-                    runs = []
-                    for _ in range(a.repeat):
-                        u += 1
-                        runs.append(write_unit(base / fmt, fmt, f"{u:05d}", tokens, pooled, a.grid))
+            for mode, shards in (modes if fmt == "zarr" else [("-", 0)]):
+                if fmt == "zarr":
+                    ZarrUnitWriter.background, ZarrUnitWriter.flush_shards = mode == "bg", shards
+                write_unit(base / "warm", fmt, f"{u:05d}", tokens[:4], pooled[:4], a.grid)
+                runs = []
+                for _ in range(a.repeat):
+                    u += 1
+                    runs.append(write_unit(base / fmt, fmt, f"{u:05d}", tokens, pooled, a.grid))
                 wall, cpu, stats = min(runs, key=lambda r: r[0])
-                shown = "-" if fmt != "zarr" else (t if t is not None else zarr.config.get("threading.max_workers"))
+                shown = "-" if fmt != "zarr" else f"{mode}:{shards}" + (" (before)" if (mode, shards) == ("sync", 1) else "")
                 print(f"| {fmt} | {shown} | {a.images / wall:.1f} | {mb / wall:.1f} | {cpu / wall:.2f} | "
                       f"{stats['bytes_per_image']:.0f} |", flush=True)
     finally:

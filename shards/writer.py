@@ -85,6 +85,11 @@ class UnitWriter(ABC):
     def _close(self) -> None:
         """Flush everything into ``self.tmp``; after this the container is complete on disk."""
 
+    def _discard(self) -> None:
+        """Release what ``_open`` holds without finishing the container (abort). Formats with background
+        work override this to stop it; the default closes the container, which ``abort`` then deletes."""
+        self._close()
+
     def _check_key(self, key: str) -> None:
         pass
 
@@ -181,7 +186,7 @@ class UnitWriter(ABC):
         """Drop everything written so far. Safe to call twice, and after a failed commit."""
         if not self._closed:
             try:
-                self._close()
+                self._discard()
             except Exception:
                 pass
             self._closed = True
