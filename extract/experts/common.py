@@ -79,7 +79,6 @@ def resample_grid(tokens, h: int, w: int, grid: int):
     Area-averaging when shrinking (no aliasing: each output token summarises the patch it covers,
     like LLaVA-style pooling), bilinear when growing. Identity when the map already is grid x grid.
     """
-    import torch
     import torch.nn.functional as F
 
     b, n, d = tokens.shape
@@ -123,3 +122,11 @@ def storage_error(x, dtype: str) -> dict[str, float]:
         "rel_to_max": max_abs / amax if amax > 0 else 0.0,
         "nonfinite": nonfinite,
     }
+
+
+def ensure_rgb(image):
+    """An already-decoded PIL image -> RGB, or a per-key :class:`BadImageError` (mode PIL cannot convert)."""
+    try:
+        return to_rgb(image)
+    except Exception as e:
+        raise BadImageError(f"cannot convert to RGB: {type(e).__name__}: {e}") from None

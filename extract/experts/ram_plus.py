@@ -35,13 +35,12 @@ from typing import Any
 import numpy as np
 
 from astrea.extract.experts.base import (
-    BadImageError,
     Expert,
     ExpertOutput,
     WeightsUnavailableError,
     state_dict_sha256,
 )
-from astrea.extract.experts.common import resample_grid, to_rgb
+from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.ram_plus_model import IMAGENET_MEAN, IMAGENET_STD, RamPlus, RamPlusArch
 from astrea.extract.experts.ram_plus_vocab import vocabulary
 from astrea.extract.experts.registry import ExpertConfig, Variant
@@ -364,10 +363,7 @@ class RamPlusExpert(Expert):
         )
 
     def preprocess(self, image: Any):
-        try:
-            image = to_rgb(image)
-        except Exception as e:
-            raise BadImageError(f"cannot convert to RGB: {type(e).__name__}: {e}") from None
+        image = ensure_rgb(image)
         return apply_preprocessing(image, self.image_size)
 
     def forward(self, pixels: Any, prompts: list[dict] | None = None) -> list[ExpertOutput]:

@@ -19,6 +19,7 @@ STAGE_OF_EXPERT = {
     "ram_plus": "classification",
     "grounding_dino": "detection",
     "sam2": "segmentation",
+    "sam": "segmentation",  # Tab. 5 alternative; not in EXPERT_ORDER, so `--expert all` stays the four
 }
 
 EXPERTS: Registry[Any] = Registry("expert")
@@ -26,6 +27,7 @@ EXPERTS.register("siglip", "astrea.extract.experts.siglip", "SigLIP / CLIP / EVA
 EXPERTS.register("ram_plus", "astrea.extract.experts.ram_plus", "RAM++ Swin + 4585-tag head: tags")
 EXPERTS.register("grounding_dino", "astrea.extract.experts.grounding_dino", "Grounding-DINO 1.0 (transformers): boxes")
 EXPERTS.register("sam2", "astrea.extract.experts.sam2", "SAM2 / SAM2.1 hiera (sam2 package): masks")
+EXPERTS.register("sam", "astrea.extract.experts.sam", "SAM v1 ViT-B/L/H (transformers), Tab. 5 alternative: masks")
 
 
 @dataclass(frozen=True)

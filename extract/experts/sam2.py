@@ -31,13 +31,12 @@ import numpy as np
 
 from astrea.extract.experts import rle
 from astrea.extract.experts.base import (
-    BadImageError,
     Expert,
     ExpertOutput,
     WeightsUnavailableError,
     state_dict_sha256,
 )
-from astrea.extract.experts.common import resample_grid, to_rgb
+from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
 from astrea.schemas import ExpertSpec
@@ -280,10 +279,7 @@ class Sam2Expert(Expert):
     # -- pieces
 
     def preprocess(self, image: Any):
-        try:
-            image = to_rgb(image)
-        except Exception as e:
-            raise BadImageError(f"cannot convert to RGB: {type(e).__name__}: {e}") from None
+        image = ensure_rgb(image)
         return apply_preprocessing(image, self.image_size)
 
     def _autocast(self):

@@ -31,7 +31,7 @@ from astrea.extract.experts.base import (
     WeightsUnavailableError,
     state_dict_sha256,
 )
-from astrea.extract.experts.common import resample_grid, to_rgb
+from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
 from astrea.schemas import ExpertSpec
@@ -462,10 +462,7 @@ class SiglipExpert(Expert):
         return feats[:, m.num_prefix_tokens:], m.forward_head(feats, pre_logits=True)
 
     def preprocess(self, image: Any):
-        try:
-            image = to_rgb(image)
-        except Exception as e:
-            raise BadImageError(f"cannot convert to RGB: {type(e).__name__}: {e}") from None
+        image = ensure_rgb(image)
         return apply_preprocessing(image, self.pp)
 
     def forward(self, pixels: Any, prompts: list[dict] | None = None) -> list[ExpertOutput]:

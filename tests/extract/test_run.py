@@ -303,3 +303,20 @@ def test_plan_selects_whole_shards_for_limit_and_shards(source_dir):
     assert plan.shards == ["00001", "00002"]
     with pytest.raises(ExtractConfigError, match="data="):
         ExtractConfig(experts=["siglip"], data=str(source_dir / "nope")).build()
+
+
+def test_dataset_written_by_img2dataset_itself(tmp_path, ray_cluster):
+    """issue 4's 'done when': a dataset produced by the real img2dataset (file:// URLs) extracts and verifies."""
+    from astrea.shards import Store
+    from astrea.shards.audit import verify
+    from tests.data.builders import build_img2dataset
+
+    source = build_img2dataset(tmp_path, n=6)
+    store = tmp_path / "store"
+    report = run(_cfg(source, store, ["siglip", "ram_plus"], dataset="i2d"))
+    assert report["status"] == "done"
+    assert report["images_ok"] == 2 * 6  # img2dataset's failed URL never reached the tar: nothing to fail
+    rep = verify(Store(store))
+    assert rep.ok, rep
+    keys = [r.key for r in Store(store).resolve("i2d", "siglip").iter_unit("00000")]
+    assert len(keys) == 6 and all(k.isdigit() and len(k) == 9 for k in keys)  # img2dataset's own keys
