@@ -12,7 +12,7 @@ handed over as float16 arrays, as the extraction job does (the actors convert to
 white noise would compress worse than real features.
 ``--modes`` compares Zarr writer settings, ``MODE:SHARDS``: ``sync:1`` is the writer before the
 change (one shard per zarr call, written on the caller's thread), ``bg:K`` writes blocks of K whole
-shards on the writer's background thread (the default is ``bg:2``). Every mode writes byte-identical
+shards on the writer's background thread (the default is ``bg:1``). Every mode writes byte-identical
 units (same chunks, shards, codec). zarr compresses the chunks of a call concurrently on its own pool
 (``zarr.config`` ``threading.max_workers``, default: Python's, min(32, cores + 4)).
 An untimed warm-up unit pays imports and first-call costs; the best of ``--repeat`` units is shown.

@@ -38,7 +38,10 @@ MAX_CHUNK_ROWS = 64
 SHARD_BYTES = 32 << 20  # one file per ~32 MiB of tokens: fewer inodes and fsyncs; written whole
 READ_BLOCK_BYTES = 256 << 20  # a reader holds at most this much of one unit's tokens at a time
 ZSTD_LEVEL = 3
-FLUSH_SHARDS = 2  # whole shards per zarr write call: 2 x ~24 images of 576x1152 fp16
+# Whole shards per zarr write call (~24 images of 576x1152 fp16 each). Measured on a 16-core host
+# (benchmarks/unit_write.py): 1 shard per call with the background thread was fastest; bigger blocks
+# only delay the first handover.
+FLUSH_SHARDS = 1
 
 
 class UnitWriteFailed(RuntimeError):
@@ -124,7 +127,7 @@ class ZarrUnitWriter(UnitWriter):
         if fut is not None:
             try:
                 fut.result()
-            except BaseException as e:
+            except Exception as e:  # a KeyboardInterrupt while waiting is the caller's, not the write's
                 self._failed = e
         if self._failed is not None:
             raise UnitWriteFailed(f"{self._where()}: writing token rows to {self.tmp} failed "

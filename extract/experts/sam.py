@@ -57,7 +57,12 @@ class _Arch:
 
         s = self.image_size
         return SamConfig(
-            vision_config=SamVisionConfig(image_size=s, output_channels=EMBED_DIM, **self.vision).to_dict(),
+            # initializer_range: transformers' SamVisionConfig default is 1e-10 (a placeholder, real
+            # weights overwrite it), which makes random-weight embeddings ~1e-20: they underflow to 0
+            # in float16 storage and make every parity check vacuous. 0.02 as the rest of SAM uses.
+            vision_config=SamVisionConfig(
+                image_size=s, output_channels=EMBED_DIM, initializer_range=0.02, **self.vision
+            ).to_dict(),
             prompt_encoder_config=SamPromptEncoderConfig(image_size=s, hidden_size=EMBED_DIM).to_dict(),
             mask_decoder_config=SamMaskDecoderConfig(hidden_size=EMBED_DIM).to_dict(),
         )
