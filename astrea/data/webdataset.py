@@ -176,7 +176,9 @@ class WebDatasetShard(ShardBase):
                 if member.name.startswith("./"):  # `tar -cf x.tar ./000.jpg`: harmless prefix
                     member.name = member.name[2:]
                 problem = member_name_problem(member.name)
-                key, suffix = (member.name, "") if problem else split_member_name(member.name)
+                # Bad names are grouped by their (unsafe) key too, so `../x.jpg` + `../x.txt` are one
+                # failed sample, and img2dataset's parquet row for that key is not reported missing.
+                key, suffix = split_member_name(member.name)
                 if group is not None and group.key != key:
                     yield group.sample()
                     group = None
