@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from astrea.extract.experts.base import (
+    spec_from_config,
     BadImageError,
     Expert,
     ExpertOutput,
@@ -53,7 +54,6 @@ from astrea.extract.experts.base import (
 from astrea.extract.experts.common import resample_grid, to_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
-from astrea.schemas import ExpertSpec
 from astrea.schemas.expert_spec import canonical_json
 
 NAME = "grounding_dino"
@@ -500,18 +500,9 @@ class GroundingDinoExpert(Expert):
             },
             "compute_dtype": cfg.compute_dtype,
         }
-        self.spec = ExpertSpec(
-            expert=NAME,
-            arch=arch_name,
-            weights=cfg.weights,
-            weights_sha256=weights_sha,
-            preprocessing=self.preprocessing,
-            grid=cfg.grid,
-            token_dim=d_model,
-            pooled_dim=d_model,
-            dtype=cfg.dtype,
-            format=cfg.format,
-            seed=cfg.seed,
+        self.spec = spec_from_config(
+            cfg, expert=NAME, arch=arch_name, weights_sha256=weights_sha,
+            preprocessing=self.preprocessing, token_dim=d_model, pooled_dim=d_model,
             config=config,
             prerequisites=dict(prerequisites),
         )

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from astrea.extract.experts.base import (
+    spec_from_config,
     Expert,
     ExpertOutput,
     WeightsUnavailableError,
@@ -45,7 +46,6 @@ from astrea.extract.experts.ram_plus_model import IMAGENET_MEAN, IMAGENET_STD, R
 from astrea.extract.experts.ram_plus_vocab import vocabulary
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
-from astrea.schemas import ExpertSpec
 
 log = logging.getLogger(__name__)
 
@@ -337,18 +337,9 @@ class RamPlusExpert(Expert):
         weights_sha = state_dict_sha256(self.model)  # fp32, before any compute-dtype cast
         self.model.to(self.compute_dtype)
         self.pp = preprocessing_spec(a.image_size)
-        self.spec = ExpertSpec(
-            expert=NAME,
-            arch=self.arch_name,
-            weights=cfg.weights,
-            weights_sha256=weights_sha,
-            preprocessing=self.pp,
-            grid=cfg.grid,
-            token_dim=a.embed_dim,
-            pooled_dim=a.embed_dim,
-            dtype=cfg.dtype,
-            format=cfg.format,
-            seed=cfg.seed,
+        self.spec = spec_from_config(
+            cfg, expert=NAME, arch=self.arch_name, weights_sha256=weights_sha,
+            preprocessing=self.pp, token_dim=a.embed_dim, pooled_dim=a.embed_dim,
             config={
                 "implementation": "astrea.extract.experts.ram_plus_model (official RAM_plus state-dict layout)",
                 "arch": a.to_dict(),

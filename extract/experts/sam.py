@@ -33,12 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from astrea.extract.experts.base import Expert, ExpertOutput, WeightsUnavailableError, state_dict_sha256
+from astrea.extract.experts.base import (
+    Expert,
+    ExpertOutput,
+    WeightsUnavailableError,
+    spec_from_config,
+    state_dict_sha256,
+)
 from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.sam2 import MaskOptions, Sam2Expert, _mask_iou, _mask_record
 from astrea.extract.experts.weights import is_random, resolve_file
-from astrea.schemas import ExpertSpec
 
 NAME = "sam"
 EMBED_DIM = 256
@@ -225,18 +230,9 @@ class SamExpert(Expert):
                 f"sam: processor resizes to {dict(ip.size)} / pads to {dict(ip.pad_size)} but the model reads "
                 f"{self.image_size}px; the snapshot's preprocessor_config.json does not fit its config.json"
             )
-        self.spec = ExpertSpec(
-            expert=NAME,
-            arch=arch_name,
-            weights=cfg.weights,
-            weights_sha256=state_dict_sha256(self.model),
-            preprocessing=self.pp,
-            grid=cfg.grid,
-            token_dim=EMBED_DIM,
-            pooled_dim=EMBED_DIM,
-            dtype=cfg.dtype,
-            format=cfg.format,
-            seed=cfg.seed,
+        self.spec = spec_from_config(
+            cfg, expert=NAME, arch=arch_name, weights_sha256=state_dict_sha256(self.model),
+            preprocessing=self.pp, token_dim=EMBED_DIM, pooled_dim=EMBED_DIM,
             config={
                 "library": "transformers SamModel",
                 "image_size": self.image_size,

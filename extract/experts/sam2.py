@@ -31,6 +31,7 @@ import numpy as np
 
 from astrea.extract.experts import rle
 from astrea.extract.experts.base import (
+    spec_from_config,
     Expert,
     ExpertOutput,
     WeightsUnavailableError,
@@ -39,7 +40,6 @@ from astrea.extract.experts.base import (
 from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
-from astrea.schemas import ExpertSpec
 
 NAME = "sam2"
 EMBED_DIM = 256
@@ -247,18 +247,9 @@ class Sam2Expert(Expert):
         self.opts = MaskOptions.from_options(dict(cfg.options), self.arch.image_size)
         self.image_size = int(model.image_size)
         self.pp = preprocessing_spec(self.image_size)
-        self.spec = ExpertSpec(
-            expert=NAME,
-            arch=arch_name,
-            weights=cfg.weights,
-            weights_sha256=state_dict_sha256(self.model),
-            preprocessing=self.pp,
-            grid=cfg.grid,
-            token_dim=EMBED_DIM,
-            pooled_dim=EMBED_DIM,
-            dtype=cfg.dtype,
-            format=cfg.format,
-            seed=cfg.seed,
+        self.spec = spec_from_config(
+            cfg, expert=NAME, arch=arch_name, weights_sha256=state_dict_sha256(self.model),
+            preprocessing=self.pp, token_dim=EMBED_DIM, pooled_dim=EMBED_DIM,
             config={
                 "library": "sam2",
                 "config_file": self.arch.config_file,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from astrea.extract.experts.base import (
+    spec_from_config,
     BadImageError,
     Expert,
     ExpertOutput,
@@ -34,7 +35,6 @@ from astrea.extract.experts.base import (
 from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
-from astrea.schemas import ExpertSpec
 
 NAME = "siglip"
 
@@ -389,18 +389,9 @@ class SiglipExpert(Expert):
                 f"image size {self.pp['size'][0]}, but arch {self.arch_name!r} is {v.token_dim}/{v.pooled_dim}/"
                 f"{v.image_size}; pass the arch these weights belong to (--arch)"
             )
-        self.spec = ExpertSpec(
-            expert=NAME,
-            arch=self.arch_name,
-            weights=cfg.weights,
-            weights_sha256=weights_sha,
-            preprocessing=self.pp,
-            grid=cfg.grid,
-            token_dim=token_dim,
-            pooled_dim=pooled_dim,
-            dtype=cfg.dtype,
-            format=cfg.format,
-            seed=cfg.seed,
+        self.spec = spec_from_config(
+            cfg, expert=NAME, arch=self.arch_name, weights_sha256=weights_sha,
+            preprocessing=self.pp, token_dim=token_dim, pooled_dim=pooled_dim,
             config={
                 "backend": arch.backend,
                 "model_name": arch.model_name,
