@@ -42,7 +42,7 @@ from astrea.extract.experts.base import (
 )
 from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.sam2 import MaskOptions, Sam2Expert, _mask_iou, _mask_record
+from astrea.extract.experts.sam2 import MaskOptions, Sam2Expert, greedy_mask_nms, _mask_record
 from astrea.extract.experts.weights import is_random, resolve_file
 
 NAME = "sam"
@@ -345,7 +345,7 @@ class SamExpert(Expert):
         idx = torch.arange(len(best))
         masks = self.post_process(low.cpu()[idx, best][:, None], valid)[:, 0].numpy()
         scores = iou[idx, best].numpy()
-        kept = _greedy_nms(masks, scores, o)
+        kept = greedy_mask_nms(masks, scores, o)
         return {"masks": [_mask_record(masks[j], float(scores[j]), None) for j in kept], "prompt": "points"}
 
     # -- contract
@@ -379,21 +379,6 @@ class SamExpert(Expert):
         self.model.to(device)
         self.device = device
         return self
-
-
-def _greedy_nms(masks: np.ndarray, scores: np.ndarray, o: MaskOptions) -> list[int]:
-    """Indices kept: score >= threshold, best first, area >= min_area, mask IoU <= nms_iou with every
-    kept one, at most max_masks (the sam2 expert's grid rule, so both experts' outputs read alike)."""
-    order = [j for j in np.argsort(-scores, kind="stable") if scores[j] >= o.score_threshold]
-    kept: list[int] = []
-    for j in order:
-        if len(kept) >= o.max_masks:
-            break
-        if int(masks[j].sum()) < max(o.min_area, 1):
-            continue
-        if all(_mask_iou(masks[j], masks[k]) <= o.nms_iou for k in kept):
-            kept.append(int(j))
-    return kept
 
 
 def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> SamExpert:

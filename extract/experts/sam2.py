@@ -377,15 +377,7 @@ class Sam2Expert(Expert):
         idx = torch.arange(len(best), device=best.device)
         masks = self._to_masks(low[idx, best][:, None])[:, 0].cpu().numpy()
         scores = iou.float()[idx, best].cpu().numpy()
-        order = [j for j in np.argsort(-scores, kind="stable") if scores[j] >= o.score_threshold]
-        kept: list[int] = []
-        for j in order:
-            if len(kept) >= o.max_masks:
-                break
-            if int(masks[j].sum()) < max(o.min_area, 1):
-                continue
-            if all(_mask_iou(masks[j], masks[k]) <= o.nms_iou for k in kept):
-                kept.append(j)
+        kept = greedy_mask_nms(masks, scores, o)
         return {"masks": [_mask_record(masks[j], float(scores[j]), None) for j in kept], "prompt": "points"}
 
     # -- contract
@@ -426,6 +418,21 @@ class Sam2Expert(Expert):
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def greedy_mask_nms(masks: np.ndarray, scores: np.ndarray, o: MaskOptions) -> list[int]:
+    """Indices kept: score >= threshold, best first, area >= min_area, mask IoU <= nms_iou with every
+    kept one, at most max_masks. Shared by the sam2 and sam experts so their point-grid outputs read alike."""
+    order = [j for j in np.argsort(-scores, kind="stable") if scores[j] >= o.score_threshold]
+    kept: list[int] = []
+    for j in order:
+        if len(kept) >= o.max_masks:
+            break
+        if int(masks[j].sum()) < max(o.min_area, 1):
+            continue
+        if all(_mask_iou(masks[j], masks[k]) <= o.nms_iou for k in kept):
+            kept.append(int(j))
+    return kept
 
 
 def _mask_record(mask: np.ndarray, score: float, label: str | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from astrea.extract.experts import rle
 from astrea.extract.experts import sam as sam_expert
 from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
 from astrea.extract.experts.registry import STAGE_OF_EXPERT, ExpertConfig
-from astrea.extract.experts.sam2 import MaskOptions
+from astrea.extract.experts.sam2 import MaskOptions, greedy_mask_nms
 
 SMALL = sam_expert.DEFAULT_SMALL
 S = 256  # image size of the tiny variant; embedding S/16 = 16, native mask size S/4 = 64
@@ -148,9 +148,9 @@ def test_grid_mode_keeps_scored_masks_and_nms():
     c = ~a
     masks, scores = np.stack([a, b, c, np.zeros_like(a)]), np.array([0.9, 0.95, 0.6, 0.99])
     o = MaskOptions(score_threshold=0.5, nms_iou=0.7, max_masks=16, mask_size=8)
-    assert sam_expert._greedy_nms(masks, scores, o) == [1, 2]  # empty mask dropped, a suppressed by b
-    assert sam_expert._greedy_nms(masks, scores, MaskOptions(nms_iou=1.0, max_masks=2, mask_size=8)) == [1, 0]
-    assert sam_expert._greedy_nms(masks, scores, MaskOptions(score_threshold=0.92, mask_size=8)) == [1]
+    assert greedy_mask_nms(masks, scores, o) == [1, 2]  # empty mask dropped, a suppressed by b
+    assert greedy_mask_nms(masks, scores, MaskOptions(nms_iou=1.0, max_masks=2, mask_size=8)) == [1, 0]
+    assert greedy_mask_nms(masks, scores, MaskOptions(score_threshold=0.92, mask_size=8)) == [1]
 
 
 def test_grid_path_end_to_end(expert, base):
