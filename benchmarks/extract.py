@@ -3,13 +3,18 @@
 In one run, on the same synthetic images and the same expert:
   1. bare forward: the expert's forward over preprocessed tensors already in memory (no decode, no Ray,
      no store), same batch size and torch threads as one actor;
-  2. full `astrea extract` (Ray Data: read -> decode/preprocess tasks -> actor -> ordered writer ->
-     commit), 1 actor, steady-state images/s (first to last result) and end-to-end (incl. start-up);
-  3. the same with 2 actors.
+  2. decode + preprocess alone, one process (what one decode CPU delivers: on a small CPU machine the
+     decode CPUs, not the model, can be the ceiling), and on CPU the bare forward again while one
+     process decodes beside it (the forward itself slows when the other cores work: the ceiling of a
+     1-actor extract on a small machine);
+  3. full `astrea extract` (actor reads the shard -> Ray decode tasks -> forward -> the actor's own unit
+     writer -> commit), 1 actor: images / (end - actors ready), i.e. everything but the model load,
+     which a bare forward does not pay either; and wall time including Ray start and model loads;
+  4. the same with 2 actors.
 Prints a table and the ratio full / bare (target >= 0.85).
 
-    python benchmarks/extract.py                                  # siglip small, CPU
-    python benchmarks/extract.py --expert sam2 --images 64
+    python benchmarks/extract.py                                  # grounding_dino small, CPU
+    python benchmarks/extract.py --expert siglip                  # decode-bound on a small CPU machine
     python benchmarks/extract.py --real --device cuda --batch-size 32 --images 2048   # on a GPU
 """
 
@@ -52,7 +57,7 @@ def write_images(root: Path, n: int, per_shard: int, seed: int = 0) -> Path:
     return root
 
 
-def bare_forward(cfg, source: Path, batch_size: int, device: str, threads: int) -> float:
+def bare_forward(cfg, source: Path, batch_size: int, device: str, threads: int, passes: int = 2) -> float:
     import torch
 
     from astrea.data import open_source
@@ -67,14 +72,68 @@ def bare_forward(cfg, source: Path, batch_size: int, device: str, threads: int) 
     x = torch.stack(pixels)
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     expert.forward(batches[0], [{}] * len(batches[0]) if prompts_needed else None)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(passes):  # best of several passes: a shared machine only ever makes a pass slower
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for b in batches:
+            expert.forward(b.to(device, non_blocking=True), [{}] * len(b) if prompts_needed else None)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, len(x) / (time.perf_counter() - t))
+    return best
+
+
+def _decode_forever(cfg, source: str, stop, started) -> None:
+    """Child process: decode the benchmark's images in a loop until told to stop."""
+    import torch
+
+    torch.set_num_threads(1)
+    from astrea.data import open_source
+    from astrea.extract.pipeline import decode_window, light_preprocessor
+
+    expert = cfg.build({})
+    pre = light_preprocessor(expert) or expert.preprocess
+    images = [smp.image for shard in open_source(source).shards() for smp in shard]
+    started.set()
+    while not stop.is_set():
+        decode_window(images[:16], pre)
+
+
+def bare_forward_beside_decoding(cfg, source: Path, batch_size: int, device: str, threads: int) -> float:
+    """The bare forward again while one process decodes on another core, as the decode tasks do during a
+    1-actor extract: on a small CPU machine the forward itself slows down when the other core works."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    stop, started = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_decode_forever, args=(cfg, str(source), stop, started), daemon=True)
+    proc.start()
+    try:
+        started.wait(120)
+        return bare_forward(cfg, source, batch_size, device, threads)
+    finally:
+        stop.set()
+        proc.join(30)
+
+
+def decode_only(cfg, source: Path) -> float:
+    from astrea.data import open_source
+    from astrea.extract.pipeline import decode_window, light_preprocessor
+
+    expert = cfg.build({})
+    pre = light_preprocessor(expert) or expert.preprocess
+    images = [smp.image for shard in open_source(str(source)).shards() for smp in shard]
     t = time.perf_counter()
-    for b in batches:
-        expert.forward(b.to(device, non_blocking=True), [{}] * len(b) if prompts_needed else None)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return len(x) / (time.perf_counter() - t)
+    decode_window(images, pre)
+    return len(images) / (time.perf_counter() - t)
+
+
+def per_worker_cpus(args, workers: int) -> float:
+    """Each actor reserves --threads CPUs, less if that leaves no CPU of the cluster for decoding
+    (2 actors on a 2-core machine: half a CPU each, one torch thread each, decoding on the rest)."""
+    return min(float(args.threads), max(0.25, (args.cluster_cpus - 1.0) / workers))
 
 
 def full_extract(args, source: Path, workers: int) -> dict:
@@ -83,7 +142,7 @@ def full_extract(args, source: Path, workers: int) -> dict:
     store = Path(tempfile.mkdtemp(prefix="astrea-bench-store-"))
     cfg = ExtractConfig(experts=[args.expert], data=str(source), store=str(store), small=not args.real,
                         weights={"*": "random"}, batch_size=args.batch_size, workers=workers, device=args.device,
-                        cpus_per_worker=args.threads, without_prerequisites=True, progress=False,
+                        cpus_per_worker=per_worker_cpus(args, workers), without_prerequisites=True, progress=False,
                         num_gpus=1 if args.device.startswith("cuda") else 0)
     report = run(cfg)
     return report["experts"][0]
@@ -91,15 +150,16 @@ def full_extract(args, source: Path, workers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--expert", default="siglip")
+    ap.add_argument("--expert", default="grounding_dino",
+                    help="default: an expert whose small config costs more to run than to decode, as real ones do")
     ap.add_argument("--real", action="store_true", help="real-size architecture (random weights) instead of --small")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--images", type=int, default=96)
-    ap.add_argument("--per-shard", type=int, default=16)
+    ap.add_argument("--images", type=int, default=640)
+    ap.add_argument("--per-shard", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per actor (= CPUs per actor) and for bare")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray cluster "
-                    "(default: enough for 2 actors + decoding)")
+                    "(default: this machine's cores, so Ray never runs more work than there are cores)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import logging
@@ -112,7 +172,10 @@ def main() -> None:
     cfg = ExpertConfig(args.expert, arch=default_variant(args.expert, not args.real), weights="random",
                        device=args.device, compute_dtype="bfloat16" if args.device.startswith("cuda") else "float32")
     bare = bare_forward(cfg, src, args.batch_size, args.device, args.threads)
-    num_cpus = args.num_cpus or max(2 * args.threads + 2, os.cpu_count() or 2)
+    dec = decode_only(cfg, src)
+    beside = bare_forward_beside_decoding(cfg, src, args.batch_size, args.device, args.threads) \
+        if not args.device.startswith("cuda") else None
+    num_cpus = args.cluster_cpus = args.num_cpus or os.cpu_count() or 2
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         one = full_extract(args, src, 1)
@@ -122,12 +185,20 @@ def main() -> None:
     print(f"\nexpert {args.expert} ({cfg.arch}, random weights), {args.images} images, batch {args.batch_size}, "
           f"device {args.device}, {args.threads} thread(s)/actor, machine: {os.cpu_count()} cores, "
           f"Ray cluster {num_cpus} logical CPUs")
-    print(f"{'run':<34}{'images/s':>10}{'ratio to bare':>15}{'wall s':>9}{'start-up s':>12}")
-    print(f"{'bare forward (tensors preloaded)':<34}{bare:>10.2f}{1.0:>15.2f}{'':>9}{'':>12}")
-    for name, r in (("astrea extract, 1 actor", one), ("astrea extract, 2 actors", two)):
-        ips = r.get("images_per_s_streaming", r["images_per_s"])
-        print(f"{name:<34}{ips:>10.2f}{ips / bare:>15.2f}{r['seconds']:>9.1f}{r.get('seconds_to_first_result', 0):>12.1f}")
-    print("(extract images/s = steady state, first to last result; wall includes model loads and Ray start-up)")
+    print(f"{'run':<34}{'images/s':>10}{'ratio to bare':>15}{'device busy':>13}{'wall s':>9}{'start-up s':>12}")
+    print(f"{'bare forward (tensors preloaded)':<34}{bare:>10.2f}{1.0:>15.2f}{1.0:>13.2f}{'':>9}{'':>12}")
+    print(f"{'decode + preprocess, 1 process':<34}{dec:>10.2f}{dec / bare:>15.2f}{'':>13}{'':>9}{'':>12}")
+    if beside is not None:
+        print(f"{'bare forward, decoding beside it':<34}{beside:>10.2f}{beside / bare:>15.2f}{'':>13}{'':>9}{'':>12}")
+    for (name, r), k in zip((("astrea extract, 1 actor", one), ("astrea extract, 2 actors", two)), (1, 2)):
+        ips = r.get("images_per_s_after_load", r["images_per_s"])
+        n = r["images_ok"] + r["images_failed"]
+        busy = r.get("actor_seconds", {}).get("forward", 0.0) / (k * n / ips) if ips else 0.0
+        print(f"{name:<34}{ips:>10.2f}{ips / bare:>15.2f}{busy:>13.2f}{r['seconds']:>9.1f}{r.get('seconds_to_ready', 0):>12.1f}"
+              f"   actor s: {r.get('actor_seconds')}")
+    print("(extract images/s = images / (last unit committed - actors ready): everything but model loads;\n"
+          " device busy = the actors' time in forward / (actors x that time): how well the device is kept fed;\n"
+          " wall s = the expert's whole job incl. spec build and model loads; start-up s = until actors ready)")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ from typing import Any
 
 
 class Progress:
+    """Images done = images of committed units + what the actors report for the units in progress."""
+
     def __init__(self, label: str, *, total: int | None, units: int, enabled: bool = True):
-        self.units_total, self.units_done, self.units_failed, self.failed = units, 0, 0, 0
+        self.units_total, self.units_done, self.units_failed = units, 0, 0
+        self.done_ok = self.done_failed = 0  # images of units finished
+        self.live: dict[str, list[int]] = {}  # unit -> [ok, failed] of units in progress
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -15,29 +19,42 @@ class Progress:
             self.bar = tqdm(total=total, desc=label, unit="img", dynamic_ncols=True, smoothing=0.1)
             self._postfix()
 
+    @property
+    def failed(self) -> int:
+        return self.done_failed + sum(c[1] for c in self.live.values())
+
     def _postfix(self) -> None:
         if self.bar is not None:
             bad = f" ({self.units_failed} not written)" if self.units_failed else ""
             self.bar.set_postfix_str(f"units {self.units_done}/{self.units_total}{bad}, failed images {self.failed}",
                                      refresh=False)
 
-    def image(self, ok: bool) -> None:
-        if not ok:
-            self.failed += 1
-        if self.bar is not None:
+    def _update(self) -> None:
+        if self.bar is None:
+            return
+        n = self.done_ok + self.done_failed + sum(c[0] + c[1] for c in self.live.values())
+        if n > self.bar.n:  # a retried unit's counts restart from 0: the bar never goes back
             if self.bar.n == 0:
                 # Rate from the first result on: worker start-up (model load) is not throughput.
                 self.bar.start_t = self.bar.last_print_t = self.bar._time()
-            self.bar.update(1)
-            if not ok:
-                self._postfix()
+            self._postfix()
+            self.bar.update(n - self.bar.n)
 
-    def unit(self, failed: bool) -> None:
+    def set_live(self, counts: dict[str, list[int]]) -> None:
+        self.live = dict(counts)
+        self._update()
+
+    def unit(self, failed: bool, *, ok: int = 0, failed_images: int = 0, unit_name: str | None = None) -> None:
         if failed:
             self.units_failed += 1
         else:
             self.units_done += 1
+            self.done_ok += ok
+            self.done_failed += failed_images
+        if unit_name is not None:
+            self.live.pop(unit_name, None)
         self._postfix()
+        self._update()
         if self.bar is not None:
             self.bar.refresh()
 
@@ -53,6 +70,18 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _bottleneck(acc: dict[str, float]) -> str:
+    """A hint when the device waited on the CPU side for more than a fifth of its forward time."""
+    fwd = acc.get("forward", 0.0)
+    if fwd <= 0:
+        return ""
+    if acc.get("wait_decode", 0.0) > 0.2 * fwd:
+        return " (decode-bound: give the job more CPUs, or --cpus-per-task less)"
+    if acc.get("wait_write", 0.0) > 0.2 * fwd:
+        return " (write-bound: a faster disk for the store, or --format wds, which does not compress)"
+    return ""
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -76,6 +105,13 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"    wrote {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s, {r['images_per_s']:.2f} images/s"
                      + ("" if r.get("preprocess_on") != "inference actor" else
                         "  (preprocessing ran in the inference actor: the expert's preprocess needs its model)"))
+        if r.get("images_per_s_after_load"):
+            lines.append(f"    {r['images_per_s_after_load']:.2f} images/s once the models were loaded "
+                         f"({r.get('seconds_to_ready', 0):.1f} s to start)")
+        acc = r.get("actor_seconds")
+        if acc:
+            lines.append(f"    actors: forward {acc.get('forward', 0):.1f} s, waiting for decoding {acc.get('wait_decode', 0):.1f} s, "
+                         f"for the writer {acc.get('wait_write', 0):.1f} s" + _bottleneck(acc))
         if r.get("prerequisites_note"):
             lines.append(f"    note: {r['prerequisites_note']}")
         if r.get("temp_cleaned"):

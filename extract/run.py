@@ -6,9 +6,10 @@ Per expert (stage order; a dependent expert waits for its prerequisite's units):
    and a weight-free copy of its preprocessing;
 2. the store's ``EXPERT@FP`` directory is opened, temp leftovers of killed runs removed, and every
    unit already committed is skipped;
-3. one Ray Data pipeline reads (CPU tasks) -> decodes + preprocesses (CPU tasks) -> runs the expert
-   (actor pool, one GPU each) -> streams results to the driver, which writes each unit in source
-   order and commits it through the store's protocol (tmp -> fsync -> rename -> stats last).
+3. inference actors (one device each, extract/worker.py) are handed units, two at a time each: an
+   actor reads its unit's shard, has Ray CPU tasks decode + preprocess it window by window, runs the
+   expert, and writes and commits the unit itself through the store's protocol (tmp -> fsync ->
+   rename -> stats last). Only counts come back to the driver, which keeps the bar and the report.
 
 A unit is committed only when every one of its keys has a row (ok or failure with a reason), so a
 killed job leaves nothing partial behind and its rerun does exactly what is missing.
@@ -22,7 +23,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,11 @@ REPORT_NAME = "extract_report.json"
 # Which stored predictions prompt which expert (DEVELOPING.md contract); an expert module may
 # declare its own with a module-level PREREQUISITES tuple.
 PREREQUISITES: dict[str, tuple[str, ...]] = {"grounding_dino": ("ram_plus",), "sam2": ("grounding_dino",)}
-READ_CPUS = 0.25  # reading a tar is I/O: reserve less than a decode task so reads never starve decoding
-ACTOR_MEMORY = 256 * 2**20  # a floor, not a cap: it only keeps actors unfused from the decode tasks
+UNITS_PER_WORKER = 2  # units handed to an actor at once: it reads the next while finishing the current
+WORKER_RESTARTS = 3  # Ray restarts a dead inference actor this often (each restart reloads the model)
+UNIT_ATTEMPTS = 3  # a unit whose actor died is handed out again this often
+PROGRESS_EVERY_S = 0.5
+RECOVERY_TIMEOUT_S = 900  # a restarted actor reloads its model: a real-size one may take minutes
 
 
 class ExtractError(RuntimeError):
@@ -70,28 +73,6 @@ def ray_session(cfg: ExtractConfig) -> Iterator[str]:
         yield mode
     finally:
         ray.shutdown()
-
-
-def _quiet_ray_data() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    # The writer needs each shard's rows in source order; keeping Ray's order makes the per-shard
-    # reorder buffer a safety net rather than a memory risk.
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # Its high-memory hint compares usage with the actors' `memory` request, which here is a floor
-    # that keeps them unfused (see ExpertJob._dataset), not a budget: the hint would be noise.
-    try:
-        from ray.data._internal.issue_detection.detectors import HighMemoryIssueDetector
-
-        ctx.issue_detectors_config.detectors = [d for d in ctx.issue_detectors_config.detectors
-                                                if d is not HighMemoryIssueDetector]
-    except (ImportError, AttributeError):  # private API: a newer Ray may have moved it; only a hint is lost
-        pass
-    for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _plan_expert_task(cfg_dict: dict[str, Any], prerequisites: dict[str, str]) -> tuple[Any, Any]:
@@ -131,49 +112,6 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 # -- per-expert bookkeeping -----------------------------------------------------------------------
-@dataclass
-class UnitState:
-    name: str
-    writer: Any = None
-    next_index: int = 0
-    end_index: int | None = None
-    pending: dict[int, dict] = field(default_factory=dict)
-    ok: int = 0
-    failed: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    shard_error: str | None = None
-    storage_error: dict[str, float] = field(default_factory=dict)  # worst fp32 -> storage dtype round trip
-
-
-def reason_kind(reason: str) -> str:
-    """'undecodable: UnidentifiedImageError: ...' -> 'undecodable' (the summary groups by kind)."""
-    return reason.split(":", 1)[0].strip() or "unknown"
-
-
-def _reason(e: BaseException) -> str:
-    return str(e.args[0] if e.args else e)[:300]
-
-
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
-    return total
-
-
-def _unit_bytes(edir: Any, unit: str, stats: Any) -> int:
-    if isinstance(stats, dict):
-        for k in ("bytes", "nbytes", "bytes_written", "size_bytes"):
-            if isinstance(stats.get(k), int):
-                return int(stats[k])
-    root = Path(edir.path)
-    return sum(_dir_bytes(p) if p.is_dir() else p.stat().st_size for p in root.glob(f"{unit}*") if p.exists())
-
-
 def _edir_fingerprint(edir: Any) -> str:
     spec = getattr(edir, "spec", None)
     if spec is not None:
@@ -197,8 +135,8 @@ class ExpertJob:
                                        "random_weights": ecfg.weights == "random", "device": runtime["device"],
                                        "compute_dtype": ecfg.compute_dtype, "workers": runtime["workers"]}
         self.failed_units: dict[str, str] = {}
-        self.t_first: float | None = None  # first / last result written: steady-state throughput
-        self.t_last: float | None = None
+        self.t_ready: float | None = None  # actors built (models loaded) / last unit done: throughput
+        self.t_done: float | None = None
 
     # prerequisites ------------------------------------------------------------------------------
     def prerequisites(self) -> tuple[dict[str, str], dict[str, str], list[str]]:
@@ -289,161 +227,237 @@ class ExpertJob:
         else:
             self._stream(todo, pre, fps)
             self.report["status"] = "incomplete" if self.failed_units else "done"
+            # A worker that died mid-unit (its unit was redone by another) left its temp behind.
+            self.report["temp_cleaned"] += edir.cleanup_temp()
         self.report["units_failed"] = dict(sorted(self.failed_units.items()))
         secs = time.monotonic() - t0
         n = self.report["images_ok"] + self.report["images_failed"]
         self.report.update({"seconds": round(secs, 3), "images_per_s": round(n / secs, 3) if secs > 0 else 0.0,
                             "seconds_build_spec": round(t_plan, 3)})
-        if self.t_first is not None and self.t_last is not None and n > 1 and self.t_last > self.t_first:
-            # Throughput once the workers are up (start-up = model loads, paid once per job).
-            self.report["seconds_to_first_result"] = round(self.t_first - t0, 3)
-            self.report["images_per_s_streaming"] = round((n - 1) / (self.t_last - self.t_first), 3)
+        if self.t_ready is not None and self.t_done is not None and n and self.t_done > self.t_ready:
+            # Throughput once the models are loaded (paid once per job): comparable to a bare forward.
+            self.report["seconds_to_ready"] = round(self.t_ready - t0, 3)
+            self.report["images_per_s_after_load"] = round(n / (self.t_done - self.t_ready), 3)
         if todo:  # a no-op rerun keeps the report of the run that did the work
             _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
         return self.report
 
-    def _dataset(self, todo: list[str], pre: Any, fps: dict[str, str]) -> Any:
-        import ray.data
-        from ray.data import ActorPoolStrategy
-
-        from astrea.extract.pipeline import ExpertActor, preprocess_rows, read_shards
-
-        cfg = self.plan.config
-        rt = self.rt
-        read_cpus = READ_CPUS if cfg.cpus_per_task != READ_CPUS else READ_CPUS / 2
-        ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus, fn_kwargs={
-            "data": str(cfg.data), "source_format": cfg.source_format, "store_root": str(self.plan.store),
-            "dataset": self.plan.dataset, "prereqs": {p: f"{p}@{fp}" for p, fp in fps.items()},
-            "window": cfg.batch_size})
-        # One row = one window of batch_size images (see pipeline.py): one decode task and one forward each.
-        ds = ds.map_batches(preprocess_rows, batch_size=1, batch_format="pyarrow",
-                            num_cpus=cfg.cpus_per_task, fn_kwargs={"preprocessor": pre})
-        # The actors state a memory request so that their resources never equal the decode tasks':
-        # Ray Data fuses a task op into the next actor op when they match, which would put JPEG
-        # decoding back on the GPU's process.
-        ds = ds.map_batches(
-            ExpertActor, batch_size=1, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=rt["workers"]), num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"],
-            memory=ACTOR_MEMORY,
-            fn_constructor_kwargs={"cfg": self.ecfg.__dict__.copy(), "prerequisites": fps,
-                                   "fingerprint": self.fingerprint, "device": rt["device"],
-                                   "threads": max(1, round(cfg.cpus_per_worker)) if rt["device"] == "cpu" else None})
-        return ds
-
     def _stream(self, todo: list[str], pre: Any, fps: dict[str, str]) -> None:
-        from astrea.extract.progress import Progress
+        """Start the actors, hand them units (``UNITS_PER_WORKER`` each at a time), collect their counts."""
+        import ray
 
-        units = {u: UnitState(u) for u in todo}
+        from astrea.extract.progress import Progress
+        from astrea.extract.worker import UnitWorker
+
+        cfg, rt = self.plan.config, self.rt
         total = None if any(self.plan.counts.get(u) is None for u in todo) else sum(self.plan.counts[u] for u in todo)  # type: ignore[misc]
         label = f"{self.name}@{self.fingerprint}" + (" (random weights)" if self.report["random_weights"] else "")
-        bar = Progress(label, total=total, units=len(todo), enabled=self.plan.config.progress)
+        bar = Progress(label, total=total, units=len(todo), enabled=cfg.progress)
+        workers = rt["workers"]
+        # Decode tasks in flight per actor: enough to keep every free CPU decoding.
+        free = max(0.0, float(ray.cluster_resources().get("CPU", 0.0)) - workers * cfg.cpus_per_worker)
+        slots = max(1, int(free // cfg.cpus_per_task))
+        inflight = max(2, -(-slots // workers) + 1)
+        actor_cls = ray.remote(UnitWorker).options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"], max_concurrency=UNITS_PER_WORKER + 2,
+            max_restarts=WORKER_RESTARTS, max_task_retries=0)
+        pre_ref = [ray.put(pre)] if pre is not None else []
+        kwargs = {"store_root": str(self.plan.store), "dataset": self.plan.dataset, "data": str(cfg.data),
+                  "source_format": cfg.source_format, "batch_size": cfg.batch_size, "cpus_per_task": cfg.cpus_per_task,
+                  "decode_in_tasks": pre is not None, "inflight": inflight,
+                  "threads": max(1, round(cfg.cpus_per_worker)) if rt["device"] == "cpu" else None}
+        actors = [actor_cls.remote(self.ecfg.__dict__.copy(), fps, self.fingerprint, rt["device"], **kwargs)
+                  for _ in range(workers)]
+        prereq_refs = {p: f"{p}@{fp}" for p, fp in fps.items()}
+        warm = []
+        if pre is not None:
+            # Start the decode workers while the models load: a cold worker (process + imports) costs
+            # seconds, which would otherwise land on the first windows of the job.
+            from astrea.extract.pipeline import warm_decoder
+
+            task = ray.remote(warm_decoder).options(num_cpus=cfg.cpus_per_task)
+            warm = [task.remote(pre_ref[0]) for _ in range(slots)]
         try:
-            ds = self._dataset(todo, pre, fps)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                for w in batch.to_pylist():
-                    st = units.get(w["shard"])
-                    if st is not None and st.name not in self.report["units_committed"]:
-                        self._accept(st, w, bar)
+            try:
+                ray.get([a.ready.remote() for a in actors] + warm)
+            except Exception as e:
+                raise _user_error(e, f"starting {self.name} inference worker(s)") from None
+            self.t_ready = time.monotonic()
+            sched = _Scheduler(actors, todo, lambda a, u: a.run_unit.remote(u, prereq_refs, pre_ref,
+                                                                              self.report["random_weights"]))
+            for unit, res, error in sched.results(lambda counts: bar.set_live(counts)):
+                if error is not None:
+                    self.failed_units[unit] = error
+                    bar.unit(failed=True, unit_name=unit)
+                elif res["status"] == "committed":
+                    self._record(res, bar)
+                elif res["status"] == "skipped":
+                    self.report["units_skipped"].append(unit)
+                    bar.unit(failed=False, unit_name=unit)
+                else:
+                    self.failed_units[unit] = res["reason"]
+                    bar.unit(failed=True, unit_name=unit)
+            self.t_done = time.monotonic()
         except BaseException as e:
-            for st in units.values():
-                if st.writer is not None:
-                    st.writer.abort()
-                    st.writer = None
             bar.close()
-            if isinstance(e, (KeyboardInterrupt, SystemExit, ExtractError)):
+            if isinstance(e, (KeyboardInterrupt, SystemExit, ExtractError)) or _is_user_error(e):
                 raise
             cause = _unwrap(e)
             raise ExtractError(
-                f"{self.name}: the extraction pipeline failed ({type(cause).__name__}: "
+                f"{self.name}: the extraction failed ({type(cause).__name__}: "
                 f"{str(cause).splitlines()[0] if str(cause) else ''}). Units committed so far are kept; fix "
                 f"the cause and rerun to finish the rest. Ray logs: /tmp/ray/session_latest/logs") from e
+        finally:
+            for a in actors:
+                ray.kill(a)
         bar.close()
-        for st in units.values():
-            if st.name not in self.failed_units and st.name not in self.report["units_committed"]:
-                if st.writer is not None:
-                    st.writer.abort()
-                self.failed_units[st.name] = "pipeline ended before the unit was complete"
 
-    def _accept(self, st: UnitState, w: dict, bar: Any) -> None:
-        """Windows may arrive out of order (Ray Data only promises it with preserve_order): buffer by
-        start so the unit's writer sees keys in exact source order."""
-        if w["end"]:
-            st.end_index = w["start"]
-            st.shard_error = w.get("shard_error")
-        elif w["start"] >= st.next_index:  # an already-written window again (a retried task) is dropped
-            st.pending[w["start"]] = w
-        while st.next_index in st.pending:
-            win = st.pending.pop(st.next_index)
-            for i, smp in enumerate(win["samples"]):
-                self._write(st, smp, win["array_dtype"], st.next_index + i, bar)
-            st.next_index += len(win["samples"])
-        if st.end_index is not None and st.next_index >= st.end_index:
-            self._finish(st, bar)
-
-    def _write(self, st: UnitState, r: dict, array_dtype: str, index: int, bar: Any) -> None:
-        from astrea.extract.pipeline import result_arrays
-
-        now = time.monotonic()
-        self.t_first = self.t_first or now
-        self.t_last = now
-        if st.writer is None:
-            st.writer = self.edir.open_unit(st.name)
-        labels = json.loads(r["labels"]) if r.get("labels") else None
-        key, error = r["key"], r["error"]
-        if not error:
-            try:
-                tokens, pooled = result_arrays(r, self.spec, array_dtype)
-                st.writer.add(key, tokens, pooled, json.loads(r["outputs"] or "{}"), caption=r.get("caption"),
-                              labels=labels)
-            except ValueError as e:  # a key the store cannot hold ('/', '..', duplicates): a per-key failure
-                error = f"invalid key: {_reason(e)}"
-        if error:
-            try:
-                st.writer.add_failure(key, error, caption=r.get("caption"), labels=labels)
-            except ValueError:
-                # The key itself is unusable as a store key: record the failure under a deterministic
-                # stand-in (the same for every expert), so the count and the reason survive.
-                st.writer.add_failure(f"invalid-key-{index:06d}", f"invalid key {key!r}: {error}",
-                                      caption=r.get("caption"), labels=labels)
-            st.failed += 1
-            kind = reason_kind(error)
-            st.reasons[kind] = st.reasons.get(kind, 0) + 1
-        else:
-            if r.get("storage_error"):
-                for k, v in json.loads(r["storage_error"]).items():
-                    st.storage_error[k] = v + st.storage_error.get(k, 0) if k == "nonfinite" else max(
-                        v, st.storage_error.get(k, 0.0))
-            st.ok += 1
-        bar.image(ok=not error)
-
-    def _finish(self, st: UnitState, bar: Any) -> None:
-        if st.shard_error:
-            # An unreadable source shard (e.g. a truncated tar): committing what was read would mark
-            # the unit finished with keys missing, so it is left out and reported.
-            if st.writer is not None:
-                st.writer.abort()
-                st.writer = None
-            self.failed_units[st.name] = f"source shard unreadable: {st.shard_error}"
-            bar.unit(failed=True)
-            return
-        if st.writer is None:  # an empty shard is still a unit (verify and resume see it as done)
-            st.writer = self.edir.open_unit(st.name)
-        stats = st.writer.commit(extra={"extract": {
-            "images_ok": st.ok, "images_failed": st.failed, "failures_by_reason": dict(sorted(st.reasons.items())),
-            "random_weights": self.report["random_weights"], "storage_error": st.storage_error}})
-        st.writer = None
+    def _record(self, res: dict[str, Any], bar: Any) -> None:
         rep = self.report
-        rep["units_committed"].append(st.name)
-        rep["images_ok"] += st.ok
-        rep["images_failed"] += st.failed
-        for k, v in st.reasons.items():
+        rep["units_committed"].append(res["unit"])
+        rep["images_ok"] += res["ok"]
+        rep["images_failed"] += res["failed"]
+        for k, v in res["reasons"].items():
             rep["failures_by_reason"][k] = rep["failures_by_reason"].get(k, 0) + v
-        rep["bytes_written"] += _unit_bytes(self.edir, st.name, stats)
+        rep["bytes_written"] += res["bytes"]
+        acc = rep.setdefault("actor_seconds", {})
+        for k, v in res.get("seconds", {}).items():
+            acc[k] = round(acc.get(k, 0.0) + v, 3)
         se = rep.setdefault("storage_error", {})
-        for k, v in st.storage_error.items():
+        for k, v in res["storage_error"].items():
             se[k] = v + se.get(k, 0) if k == "nonfinite" else max(v, se.get(k, 0.0))
-        bar.unit(failed=False)
+        bar.unit(failed=False, ok=res["ok"], failed_images=res["failed"], unit_name=res["unit"])
+
+
+def _is_user_error(e: BaseException) -> bool:
+    return _user_error(e, "") is _unwrap(e)
+
+
+class _Scheduler:
+    """Hands units to actors, ``UNITS_PER_WORKER`` at a time each, and yields ``(unit, result, error)``.
+
+    A unit whose actor died (killed, OOM, node lost) goes back to the queue, up to ``UNIT_ATTEMPTS``
+    times; the actor gets no new unit until Ray has restarted it (its ``ready`` answers). An actor
+    past its restarts leaves the pool; with none left the job stops with an error. The dead writer's
+    temp files are invisible to readers and removed at the end of the job. An exception raised inside
+    a unit (a disk full, a bug) fails that unit only, with the reason.
+    """
+
+    def __init__(self, actors: list[Any], units: list[str], submit: Any):
+        from collections import deque
+
+        self.actors, self.submit = actors, submit
+        self.queue = deque(units)
+        self.load = [0] * len(actors)
+        self.running: dict[Any, tuple[int, str]] = {}
+        self.recovering: dict[Any, int] = {}  # ready() ref -> actor index, after a death
+        self.dead: set[int] = set()
+        self.since: dict[int, float] = {}  # actor index -> when it was first seen unavailable
+        self.attempts: dict[str, int] = {}
+        self.progress_refs: dict[int, Any] = {}
+        self.live: dict[int, dict[str, list[int]]] = {}
+
+    def _usable(self, i: int) -> bool:
+        return i not in self.dead and i not in self.recovering.values()
+
+    def _fill(self) -> None:
+        for i, a in enumerate(self.actors):
+            while self.queue and self._usable(i) and self.load[i] < UNITS_PER_WORKER:
+                u = self.queue.popleft()
+                self.running[self.submit(a, u)] = (i, u)
+                self.load[i] += 1
+
+    def _poll_progress(self, on_progress: Any) -> None:
+        import ray
+
+        for i, a in enumerate(self.actors):
+            if i not in self.progress_refs and self.load[i] and self._usable(i):
+                self.progress_refs[i] = a.progress.remote()
+        if self.progress_refs:
+            done, _ = ray.wait(list(self.progress_refs.values()), num_returns=len(self.progress_refs), timeout=0)
+            done_set = set(done)
+            for i, ref in list(self.progress_refs.items()):
+                if ref in done_set:
+                    del self.progress_refs[i]
+                    try:
+                        self.live[i] = ray.get(ref)
+                    except Exception:  # the actor died: its units go back to the queue anyway
+                        self.live[i] = {}
+        on_progress({u: c for d in self.live.values() for u, c in d.items()})
+
+    def _actor_died(self, i: int) -> None:
+        if i in self.dead or i in self.recovering.values():
+            return
+        self.live.pop(i, None)
+        self.progress_refs.pop(i, None)
+        self.recovering[self.actors[i].ready.remote()] = i
+
+    def _check_recovered(self) -> None:
+        import ray
+
+        if not self.recovering:
+            return
+        from ray.exceptions import ActorUnavailableError
+
+        done, _ = ray.wait(list(self.recovering), num_returns=len(self.recovering), timeout=0)
+        for ref in done:
+            i = self.recovering.pop(ref)
+            try:
+                ray.get(ref)
+                self.since.pop(i, None)
+            except ActorUnavailableError:
+                # Still restarting (the model loads again): ask again shortly, for a while.
+                if time.monotonic() - self.since.setdefault(i, time.monotonic()) < RECOVERY_TIMEOUT_S:
+                    time.sleep(0.2)
+                    self.recovering[self.actors[i].ready.remote()] = i
+                    continue
+                self.dead.add(i)
+                log.warning("inference worker %d did not come back within %d s", i, RECOVERY_TIMEOUT_S)
+            except Exception as e:
+                self.dead.add(i)
+                log.warning("inference worker %d is gone for good (%s)", i, type(_unwrap(e)).__name__)
+        if len(self.dead) == len(self.actors):
+            raise ExtractError(f"every inference worker died (each was restarted {WORKER_RESTARTS} times); "
+                               "see the Ray logs (/tmp/ray/session_latest/logs) for why, e.g. out of memory")
+
+    def results(self, on_progress: Any) -> Any:
+        import ray
+        from ray.exceptions import RayActorError
+
+        self._fill()
+        while self.running or (self.queue and self.recovering):
+            waits = list(self.running) + list(self.recovering)
+            done, _ = ray.wait(waits, num_returns=1, timeout=PROGRESS_EVERY_S)
+            for ref in done:
+                if ref not in self.running:
+                    continue  # a recovery: handled below
+                i, u = self.running.pop(ref)
+                self.load[i] -= 1
+                self.live.get(i, {}).pop(u, None)
+                try:
+                    res = ray.get(ref)
+                except RayActorError as e:
+                    self._actor_died(i)
+                    self.attempts[u] = self.attempts.get(u, 0) + 1
+                    if self.attempts[u] < UNIT_ATTEMPTS:
+                        log.warning("unit %s: inference worker died (%s); handing the unit out again (attempt %d "
+                                    "of %d)", u, type(e).__name__, self.attempts[u] + 1, UNIT_ATTEMPTS)
+                        self.queue.appendleft(u)
+                        continue
+                    yield u, None, f"inference worker died {self.attempts[u]} times on this unit ({type(e).__name__})"
+                except Exception as e:
+                    cause = _unwrap(e)
+                    if isinstance(cause, KeyboardInterrupt):
+                        raise
+                    text = str(cause).strip()
+                    yield u, None, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"[:400]
+                else:
+                    yield u, res, None
+            self._check_recovered()
+            self._fill()
+            self._poll_progress(on_progress)
+        for u in self.queue:  # only when every actor is dead, which raised above; kept for safety
+            yield u, None, "no inference worker left to run it"
 
 
 def run_plan(plan: ExtractPlan) -> dict[str, Any]:
@@ -454,7 +468,6 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
     cfg = plan.config
     t0 = time.monotonic()
     with ray_session(cfg) as mode:
-        _quiet_ray_data()
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
         num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1.0 if gpus >= 1 and cfg.device != "cpu" else 0.0)
         if num_gpus > gpus:
@@ -469,7 +482,7 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
         need = workers * cfg.cpus_per_worker + cfg.cpus_per_task
         if need > cpus + 1e-9:
-            # Ray Data would wait forever for a CPU to decode on: say so instead of hanging.
+            # The decode tasks would wait forever for a CPU: say so instead of hanging.
             raise ExtractError(
                 f"{workers} worker(s) x --cpus-per-worker {cfg.cpus_per_worker:g} + one decode task "
                 f"(--cpus-per-task {cfg.cpus_per_task:g}) need {need:g} CPUs, the Ray "

@@ -14,3 +14,7 @@ class StoreError(ValueError):
 
 class UnitCommittedError(StoreError):
     """Writing a unit that is already committed: committed units are immutable."""
+
+
+class UnitBusyError(StoreError):
+    """Writing a unit that a live process on this host is writing: one writer per unit."""

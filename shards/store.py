@@ -30,7 +30,7 @@ from astrea.schemas.expert_spec import ExpertSpec, SpecError
 from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION
 from astrea.shards import fsutil
 from astrea.shards.dtypes import from_storage
-from astrea.shards.errors import StoreError, UnitCommittedError
+from astrea.shards.errors import StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import get_format
 from astrea.shards.writer import UnitWriter, created_by
 
@@ -180,7 +180,7 @@ class ExpertDir:
         for p in self.temp_files():
             t = fsutil.parse_temp(p.name)
             if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
-                raise StoreError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
+                raise UnitBusyError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
         return get_format(self.spec.format).writer(self, unit)
 
     # -- reading ----------------------------------------------------------------------------------

@@ -320,3 +320,56 @@ def test_dataset_written_by_img2dataset_itself(tmp_path, ray_cluster):
     assert rep.ok, rep
     keys = [r.key for r in Store(store).resolve("i2d", "siglip").iter_unit("00000")]
     assert len(keys) == 6 and all(k.isdigit() and len(k) == 9 for k in keys)  # img2dataset's own keys
+
+
+def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_cluster):
+    """SIGKILL the inference actor while it writes a unit (its pid is in the temp file's name): Ray
+    restarts it, the unit is handed out again, the job ends 'done' with no temp left, and the store
+    holds exactly the bytes of an undisturbed run."""
+    import threading
+
+    from astrea.shards import Store
+    from astrea.shards.fsutil import parse_temp
+
+    root = tmp_path / "src"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for s in range(2):
+        members, keys = [], []
+        for i in range(24):
+            key = f"{s:02d}{i:07d}"
+            img, ext = _image_bytes(rng, 3 * i)  # i % 3 == 0: always JPEG
+            members += [(f"{key}.{ext}", img), (f"{key}.txt", b"x")]
+            keys.append((key, "x"))
+        _write_shard(root, f"{s:05d}", members, keys)
+    ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
+    edir = tmp_path / "store" / ref["dataset"] / f"siglip@{ref['experts'][0]['fingerprint']}"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.is_set() and not killed:
+            for p in edir.glob(".*") if edir.is_dir() else []:
+                t = parse_temp(p.name)
+                if t is not None and t.pid != os.getpid():
+                    os.kill(t.pid, signal.SIGKILL)
+                    killed.append(t.pid)
+                    return
+            time.sleep(0.002)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        report = run(_cfg(root, tmp_path / "store", ["siglip"]))
+    finally:
+        stop.set()
+        th.join()
+    assert killed, "the writer was never seen at work: the test did not kill anything"
+    r = report["experts"][0]
+    assert r["status"] == "done" and sorted(r["units_committed"]) == ["00000", "00001"], r
+    assert r["images_ok"] == 48 and r["temp_cleaned"] >= 1
+    a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
+    b = Store(tmp_path / "store").resolve(ref["dataset"], "siglip")
+    assert not b.temp_files()
+    for u in ("00000", "00001"):
+        assert _unit_content(b, u) == _unit_content(a, u), u
