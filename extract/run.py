@@ -265,7 +265,9 @@ class ExpertJob:
         kwargs = {"store_root": str(self.plan.store), "dataset": self.plan.dataset, "data": str(cfg.data),
                   "source_format": cfg.source_format, "batch_size": cfg.batch_size, "cpus_per_task": cfg.cpus_per_task,
                   "decode_in_tasks": pre is not None, "inflight": inflight,
-                  "threads": max(1, round(cfg.cpus_per_worker)) if rt["device"] == "cpu" else None}
+                  # torch's CPU threads = the CPUs the actor reserved, on a GPU too: its CPU-side work
+                  # (the float16 conversion of every output) must not spread over the decode tasks' cores.
+                  "threads": max(1, round(cfg.cpus_per_worker))}
         actors = [actor_cls.remote(self.ecfg.__dict__.copy(), fps, self.fingerprint, rt["device"], **kwargs)
                   for _ in range(workers)]
         prereq_refs = {p: f"{p}@{fp}" for p, fp in fps.items()}

@@ -53,8 +53,24 @@ def to_storage(x: Any, dtype: str) -> np.ndarray:
         if nan.any():
             out[nan] = 0x7FC0  # a quiet NaN, whatever the payload was (rounding could have made it inf)
         return out
+    if dtype == "float16" and a.dtype == np.float32 and a.size >= _TORCH_CAST_MIN and a.flags.writeable:
+        return _float16_via_torch(a)
     with np.errstate(over="ignore"):  # float16 overflow -> inf is counted by the writer (nonfinite_rows)
         return np.ascontiguousarray(a, dtype=_NUMPY[dtype])
+
+
+# numpy casts float32 -> float16 element by element; torch uses the CPU's vector conversion (F16C):
+# 2.25 ms vs 0.24 ms for one 576x1152 token map here, the same bits (round to nearest even, overflow
+# -> inf, NaN stays NaN, subnormals), checked by tests/shards/test_dtypes.py. Small arrays stay in numpy.
+_TORCH_CAST_MIN = 1 << 14
+
+
+def _float16_via_torch(a: np.ndarray) -> np.ndarray:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency; the store does not need it
+        return np.ascontiguousarray(a, dtype=np.float16)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16).numpy().astype("<f2", copy=False)
 
 
 def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:

@@ -50,7 +50,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", help="Inference actors [default: one per GPU of the cluster, 1 without GPUs]."),
     num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per inference actor [default: 1 if the cluster has GPUs, else 0]."),
     cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="CPUs per decode/preprocess task."),
-    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per inference actor (its torch threads on CPU)."),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per inference actor = its torch CPU threads (the forward on CPU; output conversion and writing on a GPU)."),
     address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto, ray://host:10001) [default: start a local one for the job]."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray cluster [default: all]."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Whole shards, in order, until they hold at least this many images (a unit is never partial)."),

@@ -16,3 +16,11 @@ def test_store_io_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert len(lines) == 1 + 6  # header + 2 npy baselines + 4 store layouts
     assert any("Zarr v3, float16+zstd" in ln for ln in lines) and any("WebDataset tar" in ln for ln in lines)
     assert list(tmp_path.iterdir()) == []  # cleans up after itself
+
+
+def test_post_forward_benchmark_runs(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["post_forward.py", "--images", "6", "--grid", "2", "--dim", "8", "--window", "3",
+                                      "--repeat", "1"])
+    runpy.run_path(str(ROOT / "benchmarks" / "post_forward.py"), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 4 and rows[-1].startswith("| measure per window + write (astrea extract) |")
