@@ -186,17 +186,21 @@ def main() -> None:
           f"device {args.device}, {args.threads} thread(s)/actor, machine: {os.cpu_count()} cores, "
           f"Ray cluster {num_cpus} logical CPUs")
     print(f"{'run':<34}{'images/s':>10}{'ratio to bare':>15}{'device busy':>13}{'wall s':>9}{'start-up s':>12}")
-    print(f"{'bare forward (tensors preloaded)':<34}{bare:>10.2f}{1.0:>15.2f}{1.0:>13.2f}{'':>9}{'':>12}")
-    print(f"{'decode + preprocess, 1 process':<34}{dec:>10.2f}{dec / bare:>15.2f}{'':>13}{'':>9}{'':>12}")
+    # The reference is the faster of the two bare passes: on a shared machine a pass is only ever slowed
+    # down, so the larger figure is the truer one and the ratios below are the conservative ones.
+    ref = max(bare, beside or 0.0)
+    print(f"{'bare forward (tensors preloaded)':<34}{bare:>10.2f}{bare / ref:>15.2f}{1.0:>13.2f}{'':>9}{'':>12}")
     if beside is not None:
-        print(f"{'bare forward, decoding beside it':<34}{beside:>10.2f}{beside / bare:>15.2f}{'':>13}{'':>9}{'':>12}")
+        print(f"{'bare forward, decoding beside it':<34}{beside:>10.2f}{beside / ref:>15.2f}{1.0:>13.2f}{'':>9}{'':>12}")
+    print(f"{'decode + preprocess, 1 process':<34}{dec:>10.2f}{dec / ref:>15.2f}{'':>13}{'':>9}{'':>12}")
     for (name, r), k in zip((("astrea extract, 1 actor", one), ("astrea extract, 2 actors", two)), (1, 2)):
         ips = r.get("images_per_s_after_load", r["images_per_s"])
         n = r["images_ok"] + r["images_failed"]
         busy = r.get("actor_seconds", {}).get("forward", 0.0) / (k * n / ips) if ips else 0.0
-        print(f"{name:<34}{ips:>10.2f}{ips / bare:>15.2f}{busy:>13.2f}{r['seconds']:>9.1f}{r.get('seconds_to_ready', 0):>12.1f}"
+        print(f"{name:<34}{ips:>10.2f}{ips / ref:>15.2f}{busy:>13.2f}{r['seconds']:>9.1f}{r.get('seconds_to_ready', 0):>12.1f}"
               f"   actor s: {r.get('actor_seconds')}")
-    print("(extract images/s = images / (last unit committed - actors ready): everything but model loads;\n"
+    print("(ratio to bare = to the faster bare pass; extract images/s = images / (last unit committed - actors\n"
+          " ready): everything but model loads;\n"
           " device busy = the actors' time in forward / (actors x that time): how well the device is kept fed;\n"
           " wall s = the expert's whole job incl. spec build and model loads; start-up s = until actors ready)")
 

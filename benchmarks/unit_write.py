@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/unit_write.py [--images 96] [--grid 24] [--dim 1152] [--formats zarr,wds]
         [--modes sync:1,bg:1,bg:2,bg:4] [--repeat 2] [--dir /fast/disk]
 
-This is the part of ``astrea extract`` that runs on the Ray driver: everything a unit costs after the
-expert's forward (fp16 conversion, finiteness check, per-row checksum, zstd compression, tar/zarr
-writes, fsync, parquet index, stats). MB/s counts the logical token+pooled bytes in the storage dtype.
+This is the part of ``astrea extract`` that runs in each inference actor's writer thread: everything a
+unit costs after the expert's forward (finiteness check, per-row checksum, zstd compression, tar/zarr
+writes, fsync, parquet index, stats; benchmarks/post_forward.py adds the output checks and conversion). MB/s counts the logical token+pooled bytes in the storage dtype.
 
 Features are smooth low-rank spatial fields plus small noise (see ``store_io.synthetic_features``),
 handed over as float16 arrays, as the extraction job does (the actors convert to the storage dtype);
