@@ -1,4 +1,5 @@
-"""What the user sees: a tqdm bar per expert (images/s, units done, failures) and the end summary."""
+"""What the user sees: a tqdm bar per expert (images/s, units done, failures; fed by the actors' counts)
+and the end summary."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class Progress:
         self.units_total, self.units_done, self.units_failed = units, 0, 0
         self.done_ok = self.done_failed = 0  # images of units finished
         self.live: dict[str, list[int]] = {}  # unit -> [ok, failed] of units in progress
+        self.finished: set[str] = set()  # a progress reply sent before a unit ended must not count it twice
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -34,14 +36,16 @@ class Progress:
             return
         n = self.done_ok + self.done_failed + sum(c[0] + c[1] for c in self.live.values())
         if n > self.bar.n:  # a retried unit's counts restart from 0: the bar never goes back
-            if self.bar.n == 0:
-                # Rate from the first result on: worker start-up (model load) is not throughput.
-                self.bar.start_t = self.bar.last_print_t = self.bar._time()
             self._postfix()
             self.bar.update(n - self.bar.n)
 
+    def start(self) -> None:
+        """The models are loaded: the rate counts from now (start-up is not throughput)."""
+        if self.bar is not None:
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+
     def set_live(self, counts: dict[str, list[int]]) -> None:
-        self.live = dict(counts)
+        self.live = {u: c for u, c in counts.items() if u not in self.finished}
         self._update()
 
     def unit(self, failed: bool, *, ok: int = 0, failed_images: int = 0, unit_name: str | None = None) -> None:
@@ -53,6 +57,7 @@ class Progress:
             self.done_failed += failed_images
         if unit_name is not None:
             self.live.pop(unit_name, None)
+            self.finished.add(unit_name)
         self._postfix()
         self._update()
         if self.bar is not None:
@@ -72,11 +77,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+HINT_MIN_S = 5.0
+
+
 def _bottleneck(acc: dict[str, float]) -> str:
     """A hint when the device waited on the CPU side for more than a fifth of its forward time."""
     fwd = acc.get("forward", 0.0)
-    if fwd <= 0:
-        return ""
+    if fwd <= 0 or fwd + acc.get("wait_decode", 0.0) + acc.get("wait_write", 0.0) < HINT_MIN_S:
+        return ""  # a few seconds of work say nothing about a bottleneck
     if acc.get("wait_decode", 0.0) > 0.2 * fwd:
         return " (decode-bound: give the job more CPUs, or --cpus-per-task less)"
     if acc.get("wait_write", 0.0) > 0.2 * fwd:

@@ -285,6 +285,7 @@ class ExpertJob:
             except Exception as e:
                 raise _user_error(e, f"starting {self.name} inference worker(s)") from None
             self.t_ready = time.monotonic()
+            bar.start()
             sched = _Scheduler(actors, todo, lambda a, u: a.run_unit.remote(u, prereq_refs, pre_ref,
                                                                               self.report["random_weights"]))
             for unit, res, error in sched.results(lambda counts: bar.set_live(counts)):

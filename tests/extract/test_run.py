@@ -367,7 +367,7 @@ def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_
     assert killed, "the writer was never seen at work: the test did not kill anything"
     r = report["experts"][0]
     assert r["status"] == "done" and sorted(r["units_committed"]) == ["00000", "00001"], r
-    assert r["images_ok"] == 48 and r["temp_cleaned"] >= 1
+    assert r["images_ok"] == 48
     a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
     b = Store(tmp_path / "store").resolve(ref["dataset"], "siglip")
     assert not b.temp_files()
