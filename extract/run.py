@@ -259,7 +259,7 @@ class ExpertJob:
         slots = max(1, int(free // cfg.cpus_per_task))
         inflight = max(2, -(-slots // workers) + 1)
         actor_cls = ray.remote(UnitWorker).options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"], max_concurrency=UNITS_PER_WORKER + 2,
+            num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"], max_concurrency=2 * UNITS_PER_WORKER + 2,
             max_restarts=WORKER_RESTARTS, max_task_retries=0)
         pre_ref = [ray.put(pre)] if pre is not None else []
         kwargs = {"store_root": str(self.plan.store), "dataset": self.plan.dataset, "data": str(cfg.data),
@@ -355,6 +355,8 @@ class _Scheduler:
         self.running: dict[Any, tuple[int, str]] = {}
         self.recovering: dict[Any, int] = {}  # ready() ref -> actor index, after a death
         self.dead: set[int] = set()
+        self.alone: set[int] = set()  # actors running a retried unit, which gets them to itself
+        self.pinned: dict[int, list[str]] = {}  # units waiting for their unreachable actor to answer again
         self.since: dict[int, float] = {}  # actor index -> when it was first seen unavailable
         self.attempts: dict[str, int] = {}
         self.progress_refs: dict[int, Any] = {}
@@ -365,8 +367,16 @@ class _Scheduler:
 
     def _fill(self) -> None:
         for i, a in enumerate(self.actors):
-            while self.queue and self._usable(i) and self.load[i] < UNITS_PER_WORKER:
-                u = self.queue.popleft()
+            queue = self.pinned.get(i) or self.queue  # an actor's pinned units before any other
+            while queue and self._usable(i) and i not in self.alone and self.load[i] < UNITS_PER_WORKER:
+                u = queue[0]
+                if self.attempts.get(u):
+                    # A unit that was on a dying actor runs alone on an idle one: if it is the one that
+                    # kills actors (an image that exhausts memory), it must not take a neighbour with it.
+                    if self.load[i]:
+                        break
+                    self.alone.add(i)
+                queue.pop(0) if isinstance(queue, list) else queue.popleft()
                 self.running[self.submit(a, u)] = (i, u)
                 self.load[i] += 1
 
@@ -395,6 +405,11 @@ class _Scheduler:
         self.progress_refs.pop(i, None)
         self.recovering[self.actors[i].ready.remote()] = i
 
+    def _gone(self, i: int, why: str) -> None:
+        self.dead.add(i)
+        log.warning("inference worker %d %s", i, why)
+        self.queue.extendleft(reversed(self.pinned.pop(i, [])))  # its process is gone: any actor may redo them
+
     def _check_recovered(self) -> None:
         import ray
 
@@ -414,21 +429,19 @@ class _Scheduler:
                     time.sleep(0.2)
                     self.recovering[self.actors[i].ready.remote()] = i
                     continue
-                self.dead.add(i)
-                log.warning("inference worker %d did not come back within %d s", i, RECOVERY_TIMEOUT_S)
+                self._gone(i, f"did not come back within {RECOVERY_TIMEOUT_S} s")
             except Exception as e:
-                self.dead.add(i)
-                log.warning("inference worker %d is gone for good (%s)", i, type(_unwrap(e)).__name__)
+                self._gone(i, f"is gone for good ({type(_unwrap(e)).__name__})")
         if len(self.dead) == len(self.actors):
             raise ExtractError(f"every inference worker died (each was restarted {WORKER_RESTARTS} times); "
                                "see the Ray logs (/tmp/ray/session_latest/logs) for why, e.g. out of memory")
 
     def results(self, on_progress: Any) -> Any:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         self._fill()
-        while self.running or (self.queue and self.recovering):
+        while self.running or ((self.queue or any(self.pinned.values())) and self.recovering):
             waits = list(self.running) + list(self.recovering)
             done, _ = ray.wait(waits, num_returns=1, timeout=PROGRESS_EVERY_S)
             for ref in done:
@@ -436,6 +449,7 @@ class _Scheduler:
                     continue  # a recovery: handled below
                 i, u = self.running.pop(ref)
                 self.load[i] -= 1
+                self.alone.discard(i)
                 self.live.get(i, {}).pop(u, None)
                 try:
                     res = ray.get(ref)
@@ -443,9 +457,15 @@ class _Scheduler:
                     self._actor_died(i)
                     self.attempts[u] = self.attempts.get(u, 0) + 1
                     if self.attempts[u] < UNIT_ATTEMPTS:
-                        log.warning("unit %s: inference worker died (%s); handing the unit out again (attempt %d "
+                        log.warning("unit %s: inference worker lost (%s); handing the unit out again (attempt %d "
                                     "of %d)", u, type(e).__name__, self.attempts[u] + 1, UNIT_ATTEMPTS)
-                        self.queue.appendleft(u)
+                        if isinstance(e, ActorUnavailableError):
+                            # Unreachable is not surely dead: its run of the unit may still be going. The
+                            # unit goes back to the same actor, which joins a run still in progress, so
+                            # two processes never write one unit.
+                            self.pinned.setdefault(i, []).append(u)
+                        else:
+                            self.queue.appendleft(u)
                         continue
                     yield u, None, f"inference worker died {self.attempts[u]} times on this unit ({type(e).__name__})"
                 except Exception as e:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,9 @@ class UnitWorker:
             self._decode = ray.remote(decode_window).options(num_cpus=cpus_per_task, max_retries=3)
         self._requests: queue.Queue = queue.Queue()
         self._live: dict[str, list[int]] = {}
+        self._jobs: dict[str, _UnitJob] = {}
+        self._jobs_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
         self._engine = threading.Thread(target=self._engine_loop, name="astrea-engine", daemon=True)
         self._engine.start()
 
@@ -133,21 +137,37 @@ class UnitWorker:
     def run_unit(self, unit: str, prereqs: dict[str, str], preprocessor: list, random_weights: bool) -> dict[str, Any]:
         """``preprocessor``: [ObjectRef] of the weight-free preprocessor the decode tasks use (a list, so
         Ray passes the reference on instead of resolving it here), or [] when this actor decodes."""
-        job = _UnitJob(self, unit, prereqs, preprocessor[0] if preprocessor else None, random_weights)
-        self._live[unit] = job.live
+        with self._jobs_lock:
+            # The driver hands a unit back to the same actor when it lost contact with it: if the first
+            # run is still going, wait for it instead of writing the unit twice.
+            job = self._jobs.get(unit)
+            if job is None:
+                job = self._jobs[unit] = _UnitJob(self, unit, prereqs, preprocessor[0] if preprocessor else None,
+                                                  random_weights)
+                self._live[unit] = job.live
+                self._requests.put(job)
         try:
-            self._requests.put(job)
-            return job.future.result()
+            while True:
+                try:
+                    return job.future.result(timeout=5.0)
+                except FutureTimeout:
+                    # Both threads guard every step, so this is a backstop against a hang, not a path.
+                    for t in (self._engine, self._writer):
+                        if t is not None and not t.is_alive():
+                            raise RuntimeError(f"the actor's {t.name} thread died; unit {unit} was not committed")
         finally:
-            self._live.pop(unit, None)
+            with self._jobs_lock:
+                if self._jobs.get(unit) is job:
+                    del self._jobs[unit]
+                self._live.pop(unit, None)
 
     # -- the engine -------------------------------------------------------------------------------
     def _engine_loop(self) -> None:
         import ray
 
         writes: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
-        writer = threading.Thread(target=_writer_loop, args=(writes,), name="astrea-writer", daemon=True)
-        writer.start()
+        self._writer = threading.Thread(target=_writer_loop, args=(writes,), name="astrea-writer", daemon=True)
+        self._writer.start()
         inflight: deque = deque()  # (job, window | None = the job's end, decode ref | raw images)
         feeding: _UnitJob | None = None
         while True:
@@ -171,7 +191,10 @@ class UnitWorker:
                 continue
             if job.error is not None:
                 if self._decode is not None:
-                    ray.cancel(ref)
+                    try:
+                        ray.cancel(ref)
+                    except Exception:  # already finished or gone: nothing to stop
+                        pass
                 continue
             try:
                 t0 = time.perf_counter()
@@ -232,7 +255,7 @@ def _writer_loop(writes: queue.Queue) -> None:
     while True:
         job, win, results = writes.get()
         if win is None:
-            job.finish()
+            job.finish()  # sets the unit's future whatever happens
         elif job.error is None:
             try:
                 job.write_window(win, results)
@@ -277,9 +300,7 @@ class _UnitJob:
             prompts = prompt_table(w.store_root, w.dataset, self.prereqs, self.unit) if self.prereqs else None
             self.windows = iter_windows(w.data, w.source_format, self.unit, w.batch_size, prompts)
         except BaseException as e:
-            if self.writer is not None:
-                self.writer.abort()
-            self.future.set_exception(e)
+            self._fail(e)
             return False
         return True
 
@@ -322,13 +343,26 @@ class _UnitJob:
             return None, None
 
     # -- writer thread ----------------------------------------------------------------------------
+    def _abort(self) -> None:
+        try:
+            if self.writer is not None:
+                self.writer.abort()
+        except BaseException:  # e.g. the store went read-only: the temp stays for the next run's cleanup
+            pass
+
+    def _fail(self, e: BaseException) -> None:
+        self._abort()
+        if not self.future.done():
+            self.future.set_exception(e)
+
     def finish(self) -> None:
+        from astrea.shards.errors import UnitCommittedError
+
         try:
             if self.error is not None:
-                self.writer.abort()
-                self.future.set_exception(self.error)
+                self._fail(self.error)
             elif self.shard_error is not None:
-                self.writer.abort()
+                self._abort()
                 self.future.set_result(self.result("failed", reason=f"source shard unreadable: {self.shard_error}"))
             else:
                 stats = self.writer.commit(extra={"extract": {
@@ -336,9 +370,10 @@ class _UnitJob:
                     "failures_by_reason": dict(sorted(self.reasons.items())),
                     "random_weights": self.random_weights, "storage_error": self.storage_error}})
                 self.future.set_result(self.result("committed", bytes=int(stats.get("bytes", 0))))
+        except UnitCommittedError:  # another run committed it meanwhile (the writer discarded its data)
+            self.future.set_result(self.result("skipped", reason="committed by another run meanwhile"))
         except BaseException as e:
-            self.writer.abort()
-            self.future.set_exception(e)
+            self._fail(e)
 
     def write_window(self, win: Any, results: list[Any]) -> None:
         measure = True
