@@ -92,6 +92,20 @@ def stand_in_key(index: int) -> str:
     return f"invalid-key-{index:06d}"
 
 
+def check_directory_source(path: Any, shard_size: int, max_image_bytes: int) -> Any:
+    """The checks every directory-backed source makes on its arguments; returns the expanded path."""
+    from pathlib import Path
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    if int(shard_size) < 1:
+        raise DataError(f"shard_size={shard_size} must be >= 1")
+    if max_image_bytes < 1:
+        raise DataError(f"max_image_bytes={max_image_bytes} must be >= 1")
+    return root
+
+
 def shard_name(i: int) -> str:
     return f"{i:05d}"
 

@@ -32,6 +32,7 @@ from astrea.data.base import (
     DataError,
     Sample,
     ShardBase,
+    check_directory_source,
     key_from_relpath,
     shard_name,
     unique_key,
@@ -126,11 +127,7 @@ class CocoSource:
     def __init__(self, path: str | Path, name: str | None = None, *, split: str | list[str] | None = None,
                  images_dir: str | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
-        self.path = Path(path).expanduser()
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: no such directory")
-        if int(shard_size) < 1:
-            raise DataError(f"shard_size={shard_size} must be >= 1")
+        self.path = check_directory_source(path, shard_size, max_image_bytes)
         self.name = name or self.path.name
         self.shard_size = int(shard_size)
         self.max_image_bytes = max_image_bytes

@@ -24,6 +24,7 @@ from astrea.data.base import (
     DataError,
     Sample,
     ShardBase,
+    check_directory_source,
     is_image_name,
     key_from_relpath,
     shard_name,
@@ -100,13 +101,7 @@ class FolderSource:
 
     def __init__(self, path: str | Path, name: str | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE,
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
-        self.path = Path(path).expanduser()
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: no such directory")
-        if int(shard_size) < 1:
-            raise DataError(f"shard_size={shard_size} must be >= 1")
-        if max_image_bytes < 1:
-            raise DataError(f"max_image_bytes={max_image_bytes} must be >= 1")
+        self.path = check_directory_source(path, shard_size, max_image_bytes)
         self.name = name or self.path.name
         self.shard_size = int(shard_size)
         self.max_image_bytes = max_image_bytes

@@ -94,6 +94,16 @@ def resample_grid(tokens, h: int, w: int, grid: int):
     return x.to(tokens.dtype).flatten(2).transpose(1, 2).contiguous()
 
 
+def map_features(embed, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [B, D, H, W] feature map -> (tokens [B, grid*grid, D], pooled [B, D]) as float32 numpy: the
+    tokens resampled to the common grid, pooled = the spatial mean (the SAM-family experts)."""
+    b, d, h, w = embed.shape
+    tokens = resample_grid(embed.float().flatten(2).transpose(1, 2), h, w, grid)
+    pooled = embed.float().mean(dim=(2, 3))
+    return (tokens.cpu().numpy().astype(np.float32, copy=False),
+            pooled.cpu().numpy().astype(np.float32, copy=False))
+
+
 def storage_error(x, dtype: str) -> dict[str, float]:
     """What storing float32 features as ``dtype`` costs: round-trip ``x -> dtype -> float32``.
 

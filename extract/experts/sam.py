@@ -40,7 +40,7 @@ from astrea.extract.experts.base import (
     spec_from_config,
     state_dict_sha256,
 )
-from astrea.extract.experts.common import ensure_rgb, resample_grid
+from astrea.extract.experts.common import ensure_rgb, map_features
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.sam2 import MaskOptions, Sam2Expert, greedy_mask_nms, _mask_record
 from astrea.extract.experts.weights import is_random, resolve_file
@@ -361,10 +361,8 @@ class SamExpert(Expert):
         results = []
         with torch.inference_mode():
             embed = self.image_embeddings(pixels)
-            b, d, h, w = embed.shape
-            tokens = resample_grid(embed.float().flatten(2).transpose(1, 2), h, w, self.cfg.grid)
-            tokens = tokens.cpu().numpy().astype(np.float32, copy=False)
-            pooled = embed.float().mean(dim=(2, 3)).cpu().numpy().astype(np.float32, copy=False)
+            tokens, pooled = map_features(embed, self.cfg.grid)
+            b = len(tokens)
             for i in range(b):
                 valid = self.valid_size(pixels[i])
                 p = (prompts[i] or {}) if prompts is not None else {}

@@ -37,7 +37,7 @@ from astrea.extract.experts.base import (
     WeightsUnavailableError,
     state_dict_sha256,
 )
-from astrea.extract.experts.common import ensure_rgb, resample_grid
+from astrea.extract.experts.common import ensure_rgb, map_features
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import is_random, resolve_file
 
@@ -394,10 +394,8 @@ class Sam2Expert(Expert):
         with torch.inference_mode(), self._autocast():
             x = pixels.to(self.device, torch.float32)
             embed, high_res = self.image_features(x)
-            b, d, h, w = embed.shape
-            tokens = resample_grid(embed.float().flatten(2).transpose(1, 2), h, w, self.cfg.grid)
-            tokens = tokens.cpu().numpy().astype(np.float32, copy=False)
-            pooled = embed.float().mean(dim=(2, 3)).cpu().numpy().astype(np.float32, copy=False)
+            tokens, pooled = map_features(embed, self.cfg.grid)
+            b = len(tokens)
             for i in range(b):
                 e_i = embed[i : i + 1]
                 hr_i = [f[i : i + 1] for f in high_res]
