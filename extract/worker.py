@@ -32,14 +32,10 @@ from typing import Any
 import numpy as np
 
 from astrea.extract.pipeline import _reason, decode_window, iter_windows, labels_json, prompt_table
+from astrea.schemas.unit import failure_kind
 
 UNIT_BUSY_WAIT_S = 60.0  # a unit still held by a writer of a killed job: wait this long for it to go
 WRITE_QUEUE = 4  # windows computed but not yet written, per actor: bounds memory, absorbs a commit's fsyncs
-
-
-def reason_kind(reason: str) -> str:
-    """'undecodable: UnidentifiedImageError: ...' -> 'undecodable' (the summary groups by kind)."""
-    return reason.split(":", 1)[0].strip() or "unknown"
 
 
 def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.ndarray, dict, dict | None]:
@@ -285,8 +281,7 @@ class _UnitJob:
     def result(self, status: str, **kw: Any) -> dict[str, Any]:
         return {"unit": self.unit, "status": status, "ok": self.ok, "failed": self.failed,
                 "reasons": dict(sorted(self.reasons.items())), "storage_error": self.storage_error,
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "bytes": 0, "reason": None,
-                "pid": os.getpid(), **kw}
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "bytes": 0, "reason": None, **kw}
 
     # -- engine thread ----------------------------------------------------------------------------
     def start(self) -> bool:
@@ -411,7 +406,7 @@ class _UnitJob:
                                    caption=caption, labels=labels)
             self.failed += 1
             self.live[1] += 1
-            kind = reason_kind(error)
+            kind = failure_kind(error)
             self.reasons[kind] = self.reasons.get(kind, 0) + 1
             return False
         self.ok += 1
