@@ -254,7 +254,8 @@ class ExpertJob:
         label = f"{self.name}@{self.fingerprint}" + (" (random weights)" if self.report["random_weights"] else "")
         bar = Progress(label, total=total, units=len(todo), enabled=cfg.progress)
         workers = rt["workers"]
-        # Decode tasks in flight per actor: enough to keep every free CPU decoding.
+        # Windows read ahead per actor (decoding, or decoded and waiting for the forward): enough to keep
+        # every free CPU decoding while the actor's forward runs.
         free = max(0.0, float(ray.cluster_resources().get("CPU", 0.0)) - workers * cfg.cpus_per_worker)
         slots = max(1, int(free // cfg.cpus_per_task))
         inflight = max(2, -(-slots // workers) + 1)

@@ -74,6 +74,10 @@ class UnitWriter(ABC):
         self._closed = False
         self._open(self.tmp)
 
+    @classmethod
+    def warm(cls) -> None:
+        """Import what the format needs, so a long-lived writer process pays it before its first unit."""
+
     # -- what a format implements -----------------------------------------------------------------
     @abstractmethod
     def _open(self, tmp: Path) -> None: ...

@@ -1,0 +1,137 @@
+"""The inference actor's threads (reader -> engine -> writer), driven in-process without Ray: the class is
+a plain object, and with ``decode_in_tasks=False`` it decodes in its engine thread instead of Ray tasks.
+
+What the end-to-end tests (test_run.py) cannot reach cheaply: a failure in one thread fails that unit
+only, and the actor goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from astrea.extract.experts.registry import ExpertConfig, default_variant
+from astrea.extract.worker import UnitWorker, _UnitJob
+from astrea.shards import Store
+
+PER_SHARD, BATCH = 5, 2
+
+
+def _shard(root: Path, name: str, first: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(first)
+    with tarfile.open(root / f"{name}.tar", "w") as tar:
+        for i in range(first, first + PER_SHARD):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+            for member, data in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", f"image {i}".encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def worker(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for s in range(3):
+        _shard(src, f"{s:05d}", s * PER_SHARD)
+    cfg = ExpertConfig("siglip", arch=default_variant("siglip", True), grid=2)
+    fp = cfg.build({}).spec.fingerprint()
+    w = UnitWorker(cfg.__dict__.copy(), {}, fp, "cpu", store_root=str(tmp_path / "store"), dataset="toy",
+                   data=str(src), source_format="webdataset", batch_size=BATCH, cpus_per_task=1.0,
+                   decode_in_tasks=False, inflight=2, threads=1)
+    return w
+
+
+def _run(w: UnitWorker, unit: str) -> dict:
+    """``run_unit`` with a deadline: a unit whose future is never set would otherwise hang the suite."""
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            out["result"] = w.run_unit(unit, {}, [], True)
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(120)
+    assert out, f"unit {unit}: run_unit did not return"
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def test_units_are_written_in_source_order_and_committed(worker):
+    results = {}
+    threads = [threading.Thread(target=lambda u=u: results.update({u: _run(worker, u)})) for u in ("00000", "00001")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert {u: r["status"] for u, r in results.items()} == {"00000": "committed", "00001": "committed"}
+    assert all(r["ok"] == PER_SHARD and r["failed"] == 0 for r in results.values())
+    edir = worker.edir
+    assert [row["key"] for row in edir.read_index("00001").to_pylist()] == [f"{i:06d}" for i in range(5, 10)]
+    assert _run(worker, "00000")["status"] == "skipped"  # committed units are never written twice
+
+
+def test_a_reader_failure_fails_that_unit_only(worker, monkeypatch):
+    real, calls = _UnitJob.next_window, {"00001": 0}
+
+    def broken(self):
+        if self.unit in calls:
+            calls[self.unit] += 1
+            if calls[self.unit] == 2:  # after one window went to the engine
+                raise RuntimeError("a bug in reading")
+        return real(self)
+
+    monkeypatch.setattr(_UnitJob, "next_window", broken)
+    with pytest.raises(RuntimeError, match="a bug in reading"):
+        _run(worker, "00001")
+    assert not worker.edir.is_committed("00001")
+    assert not list(worker.edir.temp_files())  # the aborted unit left nothing behind
+    assert worker._slots._value == worker.inflight  # every read-ahead slot came back
+    assert _run(worker, "00002")["status"] == "committed"  # the actor goes on
+    assert all(t.is_alive() for t in worker._threads)
+
+
+def test_an_engine_failure_skips_the_rest_of_that_unit_only(worker, monkeypatch):
+    real, seen = UnitWorker.forward_window, []
+
+    def broken(self, samples, decoded):
+        seen.append(samples[0]["key"])
+        if samples[0]["key"] == "000000":
+            raise RuntimeError("a bug in the forward path")
+        return real(self, samples, decoded)
+
+    monkeypatch.setattr(UnitWorker, "forward_window", broken)
+    with pytest.raises(RuntimeError, match="a bug in the forward path"):
+        _run(worker, "00000")
+    assert seen == ["000000"]  # the unit's other windows were dropped, not computed
+    assert worker._slots._value == worker.inflight
+    assert not worker.edir.is_committed("00000") and not list(worker.edir.temp_files())
+    assert _run(worker, "00001")["status"] == "committed"
+
+
+def test_a_writer_failure_fails_that_unit_only(worker, monkeypatch):
+    real = _UnitJob.write_window
+
+    def full_disk(self, win, results):
+        if self.unit == "00000":
+            raise OSError(28, "No space left on device")
+        return real(self, win, results)
+
+    monkeypatch.setattr(_UnitJob, "write_window", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _run(worker, "00000")
+    assert not worker.edir.is_committed("00000")
+    assert _run(worker, "00001")["status"] == "committed"
+    assert Store(worker.store_root).expert_dir("toy", worker.spec).committed_units() == ["00001"]
