@@ -83,8 +83,10 @@ HINT_MIN_S = 5.0
 def _bottleneck(acc: dict[str, float]) -> str:
     """A hint when the device waited on the CPU side for more than a fifth of its forward time."""
     fwd = acc.get("forward", 0.0)
-    if fwd <= 0 or fwd + acc.get("wait_decode", 0.0) + acc.get("wait_write", 0.0) < HINT_MIN_S:
+    if fwd <= 0 or fwd + sum(v for k, v in acc.items() if k.startswith("wait_")) < HINT_MIN_S:
         return ""  # a few seconds of work say nothing about a bottleneck
+    if acc.get("wait_read", 0.0) > 0.2 * fwd:
+        return " (read-bound: the source shards, or the stored prompts, are read too slowly: a faster filesystem)"
     if acc.get("wait_decode", 0.0) > 0.2 * fwd:
         return " (decode-bound: give the job more CPUs, or --cpus-per-task less)"
     if acc.get("wait_write", 0.0) > 0.2 * fwd:
@@ -118,8 +120,9 @@ def format_summary(report: dict[str, Any]) -> str:
                          f"({r.get('seconds_to_ready', 0):.1f} s to start)")
         acc = r.get("actor_seconds")
         if acc:
-            lines.append(f"    actors: forward {acc.get('forward', 0):.1f} s, waiting for decoding {acc.get('wait_decode', 0):.1f} s, "
-                         f"for the writer {acc.get('wait_write', 0):.1f} s" + _bottleneck(acc))
+            lines.append(f"    actors: forward {acc.get('forward', 0):.1f} s, waiting for reading {acc.get('wait_read', 0):.1f} s, "
+                         f"for decoding {acc.get('wait_decode', 0):.1f} s, for the writer {acc.get('wait_write', 0):.1f} s"
+                         + _bottleneck(acc))
         if r.get("prerequisites_note"):
             lines.append(f"    note: {r['prerequisites_note']}")
         if r.get("temp_cleaned"):

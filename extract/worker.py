@@ -178,6 +178,7 @@ class UnitWorker:
         """
         while True:
             job = self._requests.get()
+            job.picked = time.perf_counter()
             try:
                 if not job.start():  # nothing to do, its future is set
                     continue
@@ -201,7 +202,10 @@ class UnitWorker:
         import ray
 
         while True:
+            t = time.perf_counter()
             job, win, ref = self._fed.get()
+            # Waiting counts against a unit only once the reader has it: an actor with no unit is idle.
+            job.seconds["wait_read"] += time.perf_counter() - max(t, job.picked or t)
             if win is None:
                 self._writes.put((job, None, None))  # the writer commits (or aborts) the unit after its windows
                 continue
@@ -298,9 +302,10 @@ class _UnitJob:
         self.windows: Any = None
         self.shard_error: str | None = None
         self.error: BaseException | None = None
-        # Where the engine spent its time on this unit: waiting for decoded windows (the decode CPUs are
-        # the limit), in forward, waiting for the writer thread (the writer is the limit).
-        self.seconds = {"wait_decode": 0.0, "forward": 0.0, "wait_write": 0.0}
+        # Where the engine spent its time on this unit: waiting for the reader (the source storage is the
+        # limit), for decoded windows (the decode CPUs are), in forward, for the writer thread (the writer is).
+        self.seconds = {"wait_read": 0.0, "wait_decode": 0.0, "forward": 0.0, "wait_write": 0.0}
+        self.picked: float | None = None  # perf_counter when the reader took the unit up
 
     def result(self, status: str, **kw: Any) -> dict[str, Any]:
         return {"unit": self.unit, "status": status, "ok": self.ok, "failed": self.failed,

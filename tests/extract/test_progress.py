@@ -33,5 +33,6 @@ def test_summary_names_the_bottleneck_only_on_enough_work():
     text = format_summary(_report({"forward": 10.0, "wait_decode": 6.0, "wait_write": 0.1}))
     assert "20.00 images/s once the models were loaded" in text and "decode-bound" in text
     assert "write-bound" in format_summary(_report({"forward": 10.0, "wait_decode": 0.1, "wait_write": 3.0}))
+    assert "read-bound" in format_summary(_report({"wait_read": 4.0, "forward": 10.0, "wait_decode": 0.1, "wait_write": 0.1}))
     assert "bound" not in format_summary(_report({"forward": 0.1, "wait_decode": 0.5, "wait_write": 0.0}))
     assert "bound" not in format_summary(_report({"forward": 10.0, "wait_decode": 1.0, "wait_write": 1.0}))

@@ -78,6 +78,8 @@ def test_units_are_written_in_source_order_and_committed(worker):
         t.join(120)
     assert {u: r["status"] for u, r in results.items()} == {"00000": "committed", "00001": "committed"}
     assert all(r["ok"] == PER_SHARD and r["failed"] == 0 for r in results.values())
+    assert all(set(r["seconds"]) == {"wait_read", "wait_decode", "forward", "wait_write"} and r["seconds"]["forward"] > 0
+               for r in results.values())
     edir = worker.edir
     assert [row["key"] for row in edir.read_index("00001").to_pylist()] == [f"{i:06d}" for i in range(5, 10)]
     assert _run(worker, "00000")["status"] == "skipped"  # committed units are never written twice
