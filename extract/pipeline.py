@@ -55,6 +55,10 @@ def prompt_table(store_root: str, dataset: str, prereqs: dict[str, str], shard: 
     return table
 
 
+class ShardDamagedError(RuntimeError):
+    """The source shard could not be read to the end; its unit must not be committed."""
+
+
 @dataclass
 class Window:
     start: int  # index of the first sample in the shard
@@ -63,14 +67,17 @@ class Window:
 
 def iter_windows(data: str, source_format: str | None, shard: str, window: int,
                  prompts: dict[str, dict] | None) -> Iterator[Window]:
-    """One source shard as windows, in source order. Raises when the shard cannot be read (a truncated
-    tar, an I/O error): the caller must not commit a unit with keys missing."""
+    """One source shard as windows, in source order. Raises when the shard cannot be read to the end (a
+    truncated tar, an I/O error): the caller must not commit a unit with keys missing. A damaged shard is
+    only known at its end, so its readable part is computed and then thrown away with the unit."""
     src = _source(data, source_format)
     by_name = {s.name: s for s in src.shards()}
     if shard not in by_name:
         raise FileNotFoundError(f"source shard {shard!r} no longer exists in {data!r}")
     index, samples = 0, []
     for sample in by_name[shard]:
+        if sample.damages_shard:
+            raise ShardDamagedError(sample.error)
         samples.append({
             "key": sample.key, "error": sample.error, "image": sample.image, "caption": sample.caption,
             "labels": sample.labels or {}, "prompts": None if prompts is None else prompts.get(sample.key, {}),

@@ -33,6 +33,8 @@ MAX_KEY_LENGTH = 200
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 
 _BAD_KEY_CHARS = re.compile(r"[/\\.\x00-\x1f\x7f]")
+# How a source's failure marker for a shard it could not read to the end begins (``Sample.damages_shard``).
+SHARD_DAMAGE = "truncated tar"
 
 
 @dataclass
@@ -46,6 +48,12 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.error is None and self.image is not None
+
+    @property
+    def damages_shard(self) -> bool:
+        """The marker a source yields, last, for a shard it could not read to the end (a truncated tar):
+        the shard is incomplete, not just this sample."""
+        return self.image is None and (self.error or "").startswith(SHARD_DAMAGE)
 
 
 @runtime_checkable

@@ -37,6 +37,7 @@ from typing import Any
 from astrea.data.base import (
     DEFAULT_MAX_IMAGE_BYTES,
     IMAGE_EXTENSIONS,
+    SHARD_DAMAGE,
     DataError,
     Sample,
     ShardBase,
@@ -135,7 +136,7 @@ class WebDatasetShard(ShardBase):
         seen: set[str] = set()
         truncated: Sample | None = None
         for sample in self._tar_samples():
-            if sample.key == f"{self.name}__truncated" and (sample.error or "").startswith("truncated tar"):
+            if sample.key == f"{self.name}__truncated" and sample.damages_shard:
                 truncated = sample
                 continue
             seen.add(sample.key)
@@ -170,7 +171,7 @@ class WebDatasetShard(ShardBase):
         try:
             tf = tarfile.open(self.tar, "r|*")
         except (tarfile.TarError, OSError, EOFError) as e:
-            msg = f"truncated tar: {self.tar.name}: cannot open ({type(e).__name__}: {e})"
+            msg = f"{SHARD_DAMAGE}: {self.tar.name}: cannot open ({type(e).__name__}: {e})"
             self.errors.append(msg)
             yield Sample(f"{self.name}__truncated", None, error=msg)
             return
@@ -207,7 +208,7 @@ class WebDatasetShard(ShardBase):
             # Corrupt or cut short: what was read is kept; a complete pending group is still good.
             if group is not None and group.complete:
                 yield group.sample()
-            msg = f"truncated tar: {self.tar.name}: {type(e).__name__}: {e}"
+            msg = f"{SHARD_DAMAGE}: {self.tar.name}: {type(e).__name__}: {e}"
             self.errors.append(msg)
             yield Sample(f"{self.name}__truncated", None, error=msg)
         finally:

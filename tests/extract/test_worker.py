@@ -137,3 +137,18 @@ def test_a_writer_failure_fails_that_unit_only(worker, monkeypatch):
     assert not worker.edir.is_committed("00000")
     assert _run(worker, "00001")["status"] == "committed"
     assert Store(worker.store_root).expert_dir("toy", worker.spec).committed_units() == ["00001"]
+
+
+def test_a_truncated_source_shard_is_not_committed(worker):
+    """Committing what was read would mark the unit finished with keys missing (a tar without
+    img2dataset's parquet does not even know them): the unit is reported not written and the next run
+    retries it."""
+    tar = Path(worker.data) / "00001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    res = _run(worker, "00001")
+    assert res["status"] == "failed" and "source shard unreadable" in res["reason"] and "truncated tar" in res["reason"]
+    assert not worker.edir.is_committed("00001") and not list(worker.edir.temp_files())
+    tar.write_bytes(data)  # repaired: the next run writes it whole
+    res = _run(worker, "00001")
+    assert res["status"] == "committed" and res["ok"] == PER_SHARD
