@@ -118,6 +118,11 @@ def format_summary(report: dict[str, Any]) -> str:
         if r.get("images_per_s_after_load"):
             lines.append(f"    {r['images_per_s_after_load']:.2f} images/s once the models were loaded "
                          f"({r.get('seconds_to_ready', 0):.1f} s to start)")
+        se = r.get("storage_error") or {}
+        if "max_abs" in se:
+            lines.append(f"    fp32 -> {r.get('dtype', 'storage dtype')} error: max abs {se['max_abs']:.3g}, "
+                         f"max rel {se.get('max_rel', 0.0):.3g} (first image of every window; every image is "
+                         "checked for overflow)")
         acc = r.get("actor_seconds")
         if acc:
             lines.append(f"    actors: forward {acc.get('forward', 0):.1f} s, waiting for reading {acc.get('wait_read', 0):.1f} s, "

@@ -64,7 +64,11 @@ def ray_session(cfg: ExtractConfig) -> Iterator[str]:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": False, "configure_logging": True}
     if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+        try:
+            ray.init(address=cfg.address, **kwargs)
+        except ConnectionError as e:
+            raise ExtractError(f"could not connect to the Ray cluster at --address {cfg.address} ({e}); start it "
+                               "(`ray start --head`) or leave --address out for a local cluster") from None
         mode = f"cluster {cfg.address}"
     else:
         ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
@@ -133,14 +137,18 @@ class ExpertJob:
         self.name = ecfg.name
         self.report: dict[str, Any] = {"expert": self.name, "arch": ecfg.arch, "weights": ecfg.weights,
                                        "random_weights": ecfg.weights == "random", "device": runtime["device"],
-                                       "compute_dtype": ecfg.compute_dtype, "workers": runtime["workers"]}
+                                       "compute_dtype": ecfg.compute_dtype, "dtype": ecfg.dtype,
+                                       "workers": runtime["workers"]}
         self.failed_units: dict[str, str] = {}
         self.t_ready: float | None = None  # actors built (models loaded) / last unit done: throughput
         self.t_done: float | None = None
 
     # prerequisites ------------------------------------------------------------------------------
-    def prerequisites(self) -> tuple[dict[str, str], dict[str, str], list[str]]:
-        """-> (name -> fingerprint for the spec, name -> store ref for reading, units to skip)."""
+    def prerequisites(self, later: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, str], list[str]]:
+        """-> (name -> fingerprint for the spec, name -> store ref for reading, units to skip).
+
+        ``later``: prerequisites this run extracts before this expert; the check before any work
+        (``later`` set) leaves them to be resolved when this expert's turn comes."""
         from astrea.extract.experts.registry import expert_module
 
         cfg = self.plan.config
@@ -158,6 +166,8 @@ class ExpertJob:
             elif p in self.done:
                 ref = f"{p}@{self.done[p].fingerprint}"
                 skip.extend(u for u in self.done[p].failed_units if u not in skip)
+            elif p in later:
+                continue
             else:
                 ref = p
             try:
@@ -177,7 +187,9 @@ class ExpertJob:
                 raise ExtractError(
                     f"{self.name} needs {p}'s outputs for every unit it extracts, but {Path(edir.path).name} has "
                     f"no committed unit(s) {shown} ({len(missing)} of {len(self.plan.shards)}). Run "
-                    f"`astrea extract --expert {p}` over the same --data/--shards/--limit first.")
+                    f"`astrea extract --expert {p}` over the same --data/--shards/--limit first, pick another "
+                    f"with --prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {self.name}'s "
+                    "fallback prompts (recorded in its spec).")
             fps[p] = _edir_fingerprint(edir)
             refs[p] = f"{p}@{fps[p]}"
         return fps, refs, skip
@@ -517,7 +529,12 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
         store = Store(plan.store)
         done: dict[str, ExpertJob] = {}
         reports = []
-        for ecfg in cfg.expert_configs(plan.experts, device, compute_dtype):
+        configs = cfg.expert_configs(plan.experts, device, compute_dtype)
+        # A missing prerequisite stops the job before any expert runs, not after the first ones.
+        for i, ecfg in enumerate(configs):
+            ExpertJob(plan, store, ecfg, done={}, runtime=runtime).prerequisites(
+                later=frozenset(c.name for c in configs[:i]))
+        for ecfg in configs:
             job = ExpertJob(plan, store, ecfg, done=done, runtime=runtime)
             reports.append(job.run())
             done[ecfg.name] = job

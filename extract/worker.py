@@ -430,9 +430,10 @@ class _UnitJob:
                 writer.add_failure(key, error, caption=caption, labels=labels)
             except ValueError:
                 # The key itself is unusable as a store key: record the failure under a deterministic
-                # stand-in (the same for every expert), so the count and the reason survive.
-                writer.add_failure(f"invalid-key-{self.index:06d}", f"invalid key {key!r}: {error}",
-                                   caption=caption, labels=labels)
+                # stand-in (the same for every expert), so the count and the reason survive. It counts as
+                # an invalid key whatever else failed, here and in the unit's stats alike.
+                error = f"invalid key: {key!r}: {error.removeprefix('invalid key: ')}"
+                writer.add_failure(f"invalid-key-{self.index:06d}", error, caption=caption, labels=labels)
             self.failed += 1
             self.live[1] += 1
             kind = failure_kind(error)

@@ -21,7 +21,8 @@ Examples:\n
 Each source shard becomes one store unit, committed atomically. Units already committed with the same
 expert spec (fingerprint) are skipped, so rerunning a finished job does nothing and rerunning a killed
 job does only what is missing. Images that cannot be used are recorded per key with a reason; the exit
-code is 0 when the job ran (failures counted), non-zero only when it could not run.
+code is 0 when the job ran (failed images are counted, not fatal), 1 when it ran but some unit could not be
+written (listed; rerun to retry), 2 when it could not run.
 """
 
 

@@ -29,6 +29,13 @@ def _report(acc: dict) -> dict:
             "images_per_s": 10.0, "status": "done"}
 
 
+def test_summary_shows_the_storage_round_trip_error():
+    rep = _report({"forward": 1.0})
+    rep["experts"][0].update(dtype="float16", storage_error={"max_abs": 0.00123, "max_rel": 0.00049, "nonfinite": 0})
+    assert "fp32 -> float16 error: max abs 0.00123, max rel 0.00049" in format_summary(rep)
+    assert "error: max abs" not in format_summary(_report({"forward": 1.0}))
+
+
 def test_summary_names_the_bottleneck_only_on_enough_work():
     text = format_summary(_report({"forward": 10.0, "wait_decode": 6.0, "wait_write": 0.1}))
     assert "20.00 images/s once the models were loaded" in text and "decode-bound" in text

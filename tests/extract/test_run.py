@@ -212,6 +212,10 @@ def test_missing_prerequisite_is_a_clear_error(tmp_path, source_dir, ray_cluster
     # ... and an explicit prerequisite that the store does not hold is named too.
     with pytest.raises(ExtractError, match="ram_plus"):
         run(_cfg(source_dir, tmp_path / "store", ["grounding_dino"], prerequisites={"ram_plus": "ram_plus@abc"}))
+    # The check comes before any work: siglip, first in stage order, is not extracted either.
+    with pytest.raises(ExtractError, match=r"grounding_dino.*ram_plus"):
+        run(_cfg(source_dir, tmp_path / "store", ["siglip", "grounding_dino"]))
+    assert not list((tmp_path / "store").rglob("*_stats.json"))
 
 
 @pytest.mark.parametrize("kill_points", [(1,), pytest.param((0, 1, 2), marks=pytest.mark.slow)], ids=["after1", "after0-1-2"])

@@ -152,3 +152,30 @@ def test_a_truncated_source_shard_is_not_committed(worker):
     tar.write_bytes(data)  # repaired: the next run writes it whole
     res = _run(worker, "00001")
     assert res["status"] == "committed" and res["ok"] == PER_SHARD
+
+
+def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_stats(worker):
+    """The sources already give repeated keys stand-ins; a key that still reaches the writer twice goes
+    under the actor's own stand-in, and counts as `invalid key` in the actor's report and in the unit's
+    stats alike, also when its image failed too."""
+    from PIL import Image
+
+    from astrea.extract.pipeline import Window, decode_window
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(buf, format="PNG")
+    samples = [{"key": "a", "error": None, "caption": None, "labels": {}, "prompts": None} for _ in range(3)]
+    decoded = decode_window([buf.getvalue()] * 3, worker.expert.preprocess)
+    results = worker.forward_window(samples, decoded)
+    results[2] = "undecodable: not an image"
+    job = _UnitJob(worker, "00008", {}, None, True)
+    job.writer = worker.edir.open_unit("00008")
+    job.write_window(Window(0, samples), results)
+    job.finish()
+    res = job.future.result(10)
+    assert res["status"] == "committed" and res["ok"] == 1 and res["reasons"] == {"invalid key": 2}
+    stats = worker.edir.stats("00008")
+    assert stats["failures_by_reason"] == {"invalid key": 2} == stats["extra"]["extract"]["failures_by_reason"]
+    rows = worker.edir.read_index("00008").to_pylist()
+    assert [r["key"] for r in rows] == ["a", "invalid-key-000001", "invalid-key-000002"]
+    assert "undecodable" in rows[2]["error"]  # the first failure is kept in the reason
