@@ -62,3 +62,18 @@ def test_experts_ls_table_and_json():
     assert r["bytes_per_image"] == (144 * 1152 + 1152) * 4
     res = runner.invoke(app, ["experts", "ls", "--dtype", "int8"])
     assert res.exit_code == 2 and "--dtype" in res.output
+
+
+def test_extract_without_a_ray_cluster_at_address_exits_2_with_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # A subprocess: this test process may hold a Ray session of another test, which the job would reuse.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", "from astrea.cli import main; main()", "extract", "--expert", "siglip", "--data", "sample",
+                           "--small", "--weights", "random", "--store", str(tmp_path / "store"), "--address", "auto"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not connect to the Ray cluster at --address auto" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
