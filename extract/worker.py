@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from astrea.extract.pipeline import _reason, decode_window, iter_windows, labels_json, prompt_table
+from astrea.extract.pipeline import (
+    ShardDamagedError,
+    _reason,
+    decode_window,
+    iter_windows,
+    labels_json,
+    prompt_table,
+)
 from astrea.schemas.unit import failure_kind
 from astrea.shards.formats import get_format
 
@@ -352,7 +359,7 @@ class _UnitJob:
         except StopIteration:
             return None, None
         except Exception as e:  # unreadable shard (truncated tar, I/O error): not committed
-            self.shard_error = f"{type(e).__name__}: {_reason(e)}"
+            self.shard_error = _reason(e) if isinstance(e, ShardDamagedError) else f"{type(e).__name__}: {_reason(e)}"
             return None, None
         images = [None if s["error"] else s["image"] for s in win.samples]
         for s in win.samples:

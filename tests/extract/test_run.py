@@ -381,3 +381,39 @@ def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_
     assert not b.temp_files()
     for u in ("00000", "00001"):
         assert _unit_content(b, u) == _unit_content(a, u), u
+
+
+def test_a_damaged_source_shard_is_not_written_exit_1_then_a_rerun_after_repair_writes_it(tmp_path, source_dir, ray_cluster):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+
+    src = tmp_path / "toyset"
+    shutil.copytree(source_dir, src)
+    tar = src / "00001.tar"
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[: len(whole) // 2])
+    args = ["extract", "--expert", "siglip", "--data", str(src), "--store", str(tmp_path / "store"), "--small",
+            "--weights", "random", "--batch-size", str(BATCH), "--shards", "00000-00001", "--no-progress",
+            "--report", str(tmp_path / "report.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "1 NOT written" in res.output and "00001: source shard unreadable: truncated tar" in res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "incomplete" and report["experts"][0]["units_committed"] == ["00000"]
+    r = report["experts"][0]
+    assert set(r["actor_seconds"]) == {"wait_read", "wait_decode", "forward", "wait_write"}
+    assert r["images_per_s_after_load"] > 0 and r["seconds_to_ready"] > 0
+    tar.write_bytes(whole)  # repaired: the rerun writes only the missing unit
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["experts"][0]["units_committed"] == ["00001"] and report["experts"][0]["units_skipped"] == ["00000"]
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, source_dir, ray_cluster):
+    with pytest.raises(ExtractError, match=r"need 3 CPUs, the Ray cluster has 2"):
+        run(_cfg(source_dir, tmp_path / "store", ["siglip"], workers=2, cpus_per_worker=1.0, cpus_per_task=1.0))
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*_stats.json"))
