@@ -529,15 +529,14 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
         store = Store(plan.store)
         done: dict[str, ExpertJob] = {}
         reports = []
-        configs = cfg.expert_configs(plan.experts, device, compute_dtype)
+        jobs = [ExpertJob(plan, store, ecfg, done=done, runtime=runtime)
+                for ecfg in cfg.expert_configs(plan.experts, device, compute_dtype)]
         # A missing prerequisite stops the job before any expert runs, not after the first ones.
-        for i, ecfg in enumerate(configs):
-            ExpertJob(plan, store, ecfg, done={}, runtime=runtime).prerequisites(
-                later=frozenset(c.name for c in configs[:i]))
-        for ecfg in configs:
-            job = ExpertJob(plan, store, ecfg, done=done, runtime=runtime)
+        for i, job in enumerate(jobs):
+            job.prerequisites(later=frozenset(j.name for j in jobs[:i]))
+        for job in jobs:
             reports.append(job.run())
-            done[ecfg.name] = job
+            done[job.name] = job
     secs = time.monotonic() - t0
     ok = sum(r["images_ok"] for r in reports)
     failed = sum(r["images_failed"] for r in reports)

@@ -108,9 +108,7 @@ class WebDatasetShard(ShardBase):
         parquet = self.tar.with_name(f"{stem}.parquet")
         if parquet.exists():
             try:
-                import pyarrow.parquet as pq
-
-                status = pq.read_table(parquet, columns=["status"]).column("status").to_pylist()
+                status = _read_index(parquet, ["status"]).column("status").to_pylist()
                 return sum(1 for s in status if s == "success")
             except Exception:  # unreadable index: fall back to the tar itself
                 pass
@@ -153,12 +151,7 @@ class WebDatasetShard(ShardBase):
         if not parquet.exists():
             return []
         try:
-            import pyarrow.parquet as pq
-
-            # ParquetFile, not read_table: the latter goes through pyarrow.dataset (a heavy first import, then
-            # ~2x the time per file), and this runs once per unit in the inference actor.
-            with pq.ParquetFile(parquet) as f:
-                t = f.read(columns=["key", "status"])
+            t = _read_index(parquet, ["key", "status"])
             return [str(k) for k, st in zip(t.column("key").to_pylist(), t.column("status").to_pylist())
                     if st == "success" and k is not None]
         except Exception as e:  # an unreadable index never stops the images from being read
@@ -293,6 +286,16 @@ def _end_marker_problem(path: Path, offset: int) -> str | None:
     if len(tail) < 1024 or tail.strip(b"\0"):
         return f"no end-of-archive marker after byte {offset} (file cut short or damaged)"
     return None
+
+
+def _read_index(parquet: Path, columns: list[str]) -> Any:
+    """Columns of img2dataset's per-shard parquet, as a pyarrow Table. ParquetFile, not read_table: the
+    latter goes through pyarrow.dataset (a heavy first import, then ~2x the time per file), and this runs
+    once per unit in the inference actor."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(parquet) as f:
+        return f.read(columns=columns)
 
 
 def _read(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
