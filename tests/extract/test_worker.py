@@ -179,3 +179,97 @@ def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_
     rows = worker.edir.read_index("00008").to_pylist()
     assert [r["key"] for r in rows] == ["a", "invalid-key-000001", "invalid-key-000002"]
     assert "undecodable" in rows[2]["error"]  # the first failure is kept in the reason
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypatch):
+    """One image the model cannot take (or a batch too big for memory) must not fail its window's other
+    keys: the window is redone image by image and only the guilty key fails, with the reason."""
+    import torch
+
+    from astrea.extract.experts.base import ExpertOutput
+    from astrea.extract.pipeline import Window, decode_window
+
+    rng = np.random.default_rng(7)
+    images = [_png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)), _png(np.full((48, 64, 3), 90, np.uint8)),
+              _png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))]
+    real, calls = worker.expert.forward, []
+
+    def refuses_constant_images(x, prompts=None):
+        calls.append(len(x))
+        if any(float(t.flatten(1).std(1).max()) == 0.0 for t in x):
+            raise ValueError("cannot take a constant image")
+        return real(x, prompts)
+
+    monkeypatch.setattr(worker.expert, "forward", refuses_constant_images)
+    samples = [{"key": f"k{i}", "error": None, "caption": None, "labels": {}, "prompts": None} for i in range(3)]
+    decoded = decode_window(images, worker.expert.preprocess)
+    results = worker.forward_window(samples, decoded)
+    assert calls == [3, 1, 1, 1]
+    assert results[1] == "forward failed: ValueError: cannot take a constant image"
+    for i in (0, 2):  # the others got exactly what a forward of them alone gives
+        assert isinstance(results[i], ExpertOutput)
+        alone = real(torch.from_numpy(decoded[i][0][None]))[0]
+        np.testing.assert_allclose(np.asarray(results[i].tokens), np.asarray(alone.tokens), rtol=1e-4, atol=1e-5)
+
+    job = _UnitJob(worker, "00009", {}, None, True)
+    job.writer = worker.edir.open_unit("00009")
+    job.write_window(Window(0, samples), results)
+    job.finish()
+    res = job.future.result(10)
+    assert res["status"] == "committed" and res["ok"] == 2 and res["reasons"] == {"forward failed": 1}
+    rows = worker.edir.read_index("00009").to_pylist()
+    assert [r["error"] for r in rows] == [None, "forward failed: ValueError: cannot take a constant image", None]
+
+
+def _hold_unit(edir, unit: str, seconds: float):
+    """Another process writing ``unit`` (a writer of a killed job that is still going away)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, time
+        from astrea.shards.store import ExpertDir
+        w = ExpertDir.open(sys.argv[1]).open_unit(sys.argv[2])
+        print("open", flush=True)
+        time.sleep({seconds})
+        w.abort()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(edir.path), unit], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def test_a_unit_another_live_process_writes_is_waited_for_then_written(worker):
+    holder = _hold_unit(worker.edir, "00000", 2.0)
+    try:
+        assert [p.name for p in worker.edir.temp_files()]  # the other writer's temp is there
+        res = _run(worker, "00000")
+    finally:
+        holder.wait(30)
+    assert res["status"] == "committed" and res["ok"] == PER_SHARD
+
+
+def test_a_unit_held_past_the_wait_fails_that_unit_only(worker, monkeypatch):
+    from astrea.extract import worker as worker_mod
+    from astrea.shards.errors import UnitBusyError
+
+    monkeypatch.setattr(worker_mod, "UNIT_BUSY_WAIT_S", 1.0)
+    holder = _hold_unit(worker.edir, "00000", 60.0)
+    try:
+        with pytest.raises(UnitBusyError, match="being written by process"):
+            _run(worker, "00000")
+        assert len(list(worker.edir.temp_files())) == 1  # the other process's temp is left alone
+        assert _run(worker, "00001")["status"] == "committed"
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert worker._slots._value == worker.inflight
