@@ -417,3 +417,78 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, sou
     with pytest.raises(ExtractError, match=r"need 3 CPUs, the Ray cluster has 2"):
         run(_cfg(source_dir, tmp_path / "store", ["siglip"], workers=2, cpus_per_worker=1.0, cpus_per_task=1.0))
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("*_stats.json"))
+
+
+class _UnitsActor:
+    """The scheduler's view of an inference actor (ready / progress / run_unit), without a model, so the
+    scheduler's fault handling runs against real Ray restarts in seconds. A unit named ``poison*`` makes
+    the process exit, as an image that exhausts memory would; every start is logged with the units
+    already running beside it in that process."""
+
+    def __init__(self, log: str):
+        import threading
+
+        self.log, self.active, self.lock = log, set(), threading.Lock()
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def progress(self) -> dict:
+        return {}
+
+    def run_unit(self, unit: str) -> dict:
+        with self.lock:
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"unit": unit, "pid": os.getpid(), "beside": sorted(self.active)}) + "\n")
+            self.active.add(unit)
+        if unit.startswith("poison"):
+            time.sleep(0.3)
+            os._exit(1)
+        time.sleep(1.0)  # a neighbour is still running when the poison strikes
+        with self.lock:
+            self.active.discard(unit)
+        return {"unit": unit}
+
+
+def test_a_unit_that_kills_its_actor_is_retried_alone_and_given_up_after_its_attempts(tmp_path, ray_cluster):
+    """The unit on a dying actor goes back to the queue; a retried unit runs alone on its actor (a unit
+    that kills actors must not take a neighbour with it again); after UNIT_ATTEMPTS deaths it is reported
+    failed, and every other unit, its first neighbour included, is done."""
+    from astrea.extract.run import UNIT_ATTEMPTS, WORKER_RESTARTS, _Scheduler
+
+    log = tmp_path / "starts.jsonl"
+    cls = ray.remote(_UnitsActor).options(num_cpus=0, max_concurrency=4, max_restarts=WORKER_RESTARTS,
+                                          max_task_retries=0)
+    actors = [cls.remote(str(log)) for _ in range(2)]
+    ray.get([a.ready.remote() for a in actors])
+    units = ["a", "poison", "b", "c", "d"]
+    out = list(_Scheduler(actors, units, lambda a, u: a.run_unit.remote(u)).results(lambda counts: None))
+    errors = {u: e for u, _, e in out if e is not None}
+    done = sorted(u for u, r, e in out if e is None and r["unit"] == u)
+    assert done == ["a", "b", "c", "d"]
+    assert list(errors) == ["poison"]
+    assert errors["poison"].startswith(f"inference worker died {UNIT_ATTEMPTS} times on this unit")
+    starts = [json.loads(line) for line in log.read_text().splitlines()]
+    poison = [s for s in starts if s["unit"] == "poison"]
+    assert len(poison) == UNIT_ATTEMPTS
+    # The first time nobody knew: its neighbour shared the actor, died with it, and was redone.
+    neighbours = [s["unit"] for s in starts if s["pid"] == poison[0]["pid"] and s["unit"] != "poison"]
+    assert neighbours
+    assert all(len([s for s in starts if s["unit"] == u]) == 2 for u in neighbours)
+    for p in poison[1:]:  # every retry alone, and nothing joined it in its process while it ran
+        assert p["beside"] == []
+        assert not any("poison" in s["beside"] for s in starts if s["pid"] == p["pid"])
+    for a in actors:
+        ray.kill(a)
+
+
+def test_an_actor_past_its_restarts_leaves_the_pool_and_with_none_left_the_job_stops(tmp_path, ray_cluster):
+    from astrea.extract.run import _Scheduler
+
+    cls = ray.remote(_UnitsActor).options(num_cpus=0, max_concurrency=4, max_restarts=1, max_task_retries=0)
+    actor = cls.remote(str(tmp_path / "starts.jsonl"))
+    ray.get(actor.ready.remote())
+    sched = _Scheduler([actor], ["poison", "b"], lambda a, u: a.run_unit.remote(u))
+    with pytest.raises(ExtractError, match="every inference worker died"):
+        list(sched.results(lambda counts: None))
+    assert sched.dead == {0}
