@@ -330,16 +330,7 @@ def test_dataset_written_by_img2dataset_itself(tmp_path, ray_cluster):
     assert len(keys) == 6 and all(k.isdigit() and len(k) == 9 for k in keys)  # img2dataset's own keys
 
 
-def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_cluster):
-    """SIGKILL the inference actor while it writes a unit (its pid is in the temp file's name): Ray
-    restarts it, the unit is handed out again, the job ends 'done' with no temp left, and the store
-    holds exactly the bytes of an undisturbed run."""
-    import threading
-
-    from astrea.shards import Store
-    from astrea.shards.fsutil import parse_temp
-
-    root = tmp_path / "src"
+def _two_shards(root: Path) -> Path:
     root.mkdir()
     rng = np.random.default_rng(3)
     for s in range(2):
@@ -350,6 +341,56 @@ def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_
             members += [(f"{key}.{ext}", img), (f"{key}.txt", b"x")]
             keys.append((key, "x"))
         _write_shard(root, f"{s:05d}", members, keys)
+    return root
+
+
+def test_a_decode_worker_killed_mid_task_is_retried_by_ray_and_changes_nothing(tmp_path, ray_cluster):
+    """SIGKILL the process running a decode task (Ray titles it ``ray::decode_window`` while it runs):
+    Ray runs the task again elsewhere and the store holds exactly the bytes of an undisturbed run."""
+    import threading
+
+    from astrea.shards import Store
+
+    root = _two_shards(tmp_path / "src")
+    ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer() -> None:
+        while not stop.is_set() and not killed:
+            out = subprocess.run(["pgrep", "-f", "^ray::decode_window"], capture_output=True, text=True).stdout.split()
+            if out:
+                os.kill(int(out[0]), signal.SIGKILL)
+                killed.append(int(out[0]))
+                return
+            time.sleep(0.005)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        report = run(_cfg(root, tmp_path / "store", ["siglip"]))
+    finally:
+        stop.set()
+        th.join()
+    assert killed, "no decode task was seen running: the test did not kill anything"
+    r = report["experts"][0]
+    assert r["status"] == "done" and r["images_ok"] == ref["experts"][0]["images_ok"] and not r["failures_by_reason"]
+    a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
+    b = Store(tmp_path / "store").resolve(ref["dataset"], "siglip")
+    for u in ("00000", "00001"):
+        assert _unit_content(b, u) == _unit_content(a, u), u
+
+
+def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_cluster):
+    """SIGKILL the inference actor while it writes a unit (its pid is in the temp file's name): Ray
+    restarts it, the unit is handed out again, the job ends 'done' with no temp left, and the store
+    holds exactly the bytes of an undisturbed run."""
+    import threading
+
+    from astrea.shards import Store
+    from astrea.shards.fsutil import parse_temp
+
+    root = _two_shards(tmp_path / "src")
     ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
     edir = tmp_path / "store" / ref["dataset"] / f"siglip@{ref['experts'][0]['fingerprint']}"
     killed: list[int] = []

@@ -273,3 +273,17 @@ def test_a_unit_held_past_the_wait_fails_that_unit_only(worker, monkeypatch):
         holder.kill()
         holder.wait(30)
     assert worker._slots._value == worker.inflight
+
+
+def test_a_unit_handed_again_to_the_actor_still_running_it_joins_that_run(worker):
+    """The driver hands a unit back to the same actor when it lost contact with it (unreachable is not
+    surely dead): the second call waits for the run in progress instead of writing the unit twice."""
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(_run(worker, "00001"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r["status"] for r in results] == ["committed", "committed"]
+    assert results[0] == results[1]  # one run, two answers
+    assert [row["key"] for row in worker.edir.read_index("00001").to_pylist()] == [f"{i:06d}" for i in range(5, 10)]
