@@ -524,8 +524,10 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
                 f"(--cpus-per-task {cfg.cpus_per_task:g}) need {need:g} CPUs, the Ray "
                 f"cluster has {cpus:g}; lower --workers / --cpus-per-worker / --cpus-per-task"
                 + ("" if cfg.address else " or raise --num-cpus"))
-        single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1 and not ray.util.client.ray.is_connected()
-        runtime = {"device": device, "num_gpus": num_gpus, "workers": workers, "ray": mode, "single_node": single_node}
+        nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        single_node = nodes == 1 and not ray.util.client.ray.is_connected()
+        runtime = {"device": device, "num_gpus": num_gpus, "workers": workers, "ray": mode, "nodes": nodes,
+                   "single_node": single_node}
         store = Store(plan.store)
         done: dict[str, ExpertJob] = {}
         reports = []
@@ -542,7 +544,7 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
     failed = sum(r["images_failed"] for r in reports)
     return {
         "dataset": plan.dataset, "store": str(plan.store), "data": str(cfg.data), "shards": plan.shards,
-        "ray": runtime["ray"], "device": device, "workers": workers,
+        "ray": runtime["ray"], "nodes": runtime["nodes"], "device": device, "workers": workers,
         "experts": reports, "images_ok": ok, "images_failed": failed,
         "bytes_written": sum(r["bytes_written"] for r in reports), "seconds": round(secs, 3),
         "images_per_s": round((ok + failed) / secs, 3) if secs > 0 else 0.0,
