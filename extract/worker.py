@@ -20,7 +20,6 @@ written in source order by construction (docs/extract.md, "Why Ray actors").
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -39,15 +38,15 @@ from astrea.extract.pipeline import (
     labels_json,
     prompt_table,
 )
-from astrea.schemas.unit import failure_kind
+from astrea.schemas.unit import OutputsJSON, failure_kind, outputs_to_json
 from astrea.shards.formats import get_format
 
 UNIT_BUSY_WAIT_S = 60.0  # a unit still held by a writer of a killed job: wait this long for it to go
 WRITE_QUEUE = 4  # windows computed but not yet written, per actor: bounds memory, absorbs a commit's fsyncs
 
 
-def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.ndarray, dict, dict | None]:
-    """-> tokens, pooled (ready for the writer), outputs, storage round-trip error (``measure``);
+def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.ndarray, OutputsJSON, dict | None]:
+    """-> tokens, pooled (ready for the writer), outputs (encoded), storage round-trip error (``measure``);
     ValueError if unusable.
 
     Per image this is the costliest step after the forward (a 576x1152 map is 2.6 MB), so every
@@ -75,7 +74,7 @@ def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.nda
         from astrea.extract.experts.common import storage_error
 
         err = storage_error(np.concatenate([tokens.ravel(), pooled]), spec.dtype)
-    outputs = json.loads(json.dumps(o.outputs or {}, allow_nan=False))
+    outputs = outputs_to_json(o.outputs)  # raises ValueError on what is not strict JSON; the writer reuses it
     if spec.dtype == "bfloat16":  # the writer rounds float32 to bfloat16 itself (numpy has no bfloat16)
         return tokens, pooled, outputs, err
     return st_tokens, st_pooled, outputs, err

@@ -67,10 +67,18 @@ def failure_kind(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
-def outputs_to_json(outputs: Any) -> str:
+class OutputsJSON(str):
+    """A key's outputs as ``outputs_to_json`` encoded them. Encoding it again returns it as is: the
+    extraction actor validates every key's outputs by encoding them, and the writer stores that text
+    instead of encoding a third time (0.5 ms of held GIL per 100-box detection, measured)."""
+
+
+def outputs_to_json(outputs: Any) -> OutputsJSON:
     """The exact text stored for a key's outputs (compact, key-sorted, strict: no NaN/inf)."""
+    if isinstance(outputs, OutputsJSON):
+        return outputs
     try:
-        return json.dumps(outputs if outputs is not None else {}, sort_keys=True, separators=(",", ":"),
-                          allow_nan=False, ensure_ascii=False)
+        return OutputsJSON(json.dumps(outputs if outputs is not None else {}, sort_keys=True, separators=(",", ":"),
+                                      allow_nan=False, ensure_ascii=False))
     except (TypeError, ValueError) as e:
         raise ValueError(f"outputs are not strict JSON ({e}); convert arrays to lists and drop NaN/inf") from None

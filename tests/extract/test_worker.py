@@ -287,3 +287,35 @@ def test_a_unit_handed_again_to_the_actor_still_running_it_joins_that_run(worker
     assert [r["status"] for r in results] == ["committed", "committed"]
     assert results[0] == results[1]  # one run, two answers
     assert [row["key"] for row in worker.edir.read_index("00001").to_pylist()] == [f"{i:06d}" for i in range(5, 10)]
+
+
+def test_outputs_are_encoded_once_and_stored_as_the_writer_would_encode_them(worker):
+    """The actor validates each key's outputs by encoding them and hands the writer that text: the stored
+    row (text and checksum) is what the writer makes of the plain dict. Outputs that are not strict JSON
+    fail that key only, as a bad expert output."""
+    from astrea.extract.experts.base import ExpertOutput
+    from astrea.extract.pipeline import Window
+    from astrea.extract.worker import prepare_output
+
+    spec = worker.spec
+    tokens = np.ones((spec.grid * spec.grid, spec.token_dim), np.float32)
+    pooled = np.ones(spec.pooled_dim, np.float32)
+    outputs = {"scores": [0.5, 0.25], "boxes": [(0.0, 0.1, 0.5, 0.9)], "labels": ["a cat"]}
+    t, p, out, _ = prepare_output(spec, ExpertOutput(tokens=tokens, pooled=pooled, outputs=outputs), False)
+    with pytest.raises(ValueError, match="strict JSON"):
+        prepare_output(spec, ExpertOutput(tokens=tokens, pooled=pooled, outputs={"scores": [float("nan")]}), False)
+    for unit, given in (("00010", out), ("00011", outputs)):
+        w = worker.edir.open_unit(unit)
+        w.add("k", t, p, given)
+        w.commit()
+    a, b = (worker.edir.read_index(u).to_pylist()[0] for u in ("00010", "00011"))
+    assert a["checksum"] == b["checksum"]
+    assert [s[2] for _, s in worker.edir.iter_stored("00010")] == [s[2] for _, s in worker.edir.iter_stored("00011")]
+
+    samples = [{"key": "bad", "error": None, "caption": None, "labels": {}, "prompts": None}]
+    job = _UnitJob(worker, "00012", {}, None, True)
+    job.writer = worker.edir.open_unit("00012")
+    job.write_window(Window(0, samples), [ExpertOutput(tokens=tokens, pooled=pooled, outputs={"x": np.float32(1)})])
+    job.finish()
+    res = job.future.result(10)
+    assert res["reasons"] == {"bad expert output": 1} and res["ok"] == 0

@@ -53,6 +53,9 @@ def test_row_checksum_covers_every_part():
 def test_outputs_json_and_failure_kind():
     assert outputs_to_json({"b": 1, "a": [1.5]}) == '{"a":[1.5],"b":1}'
     assert outputs_to_json(None) == "{}"
+    once = outputs_to_json({"b": (1, 2), "a": "x"})
+    assert outputs_to_json(once) is once  # encoded text is not encoded again (it would become a JSON string)
+    assert outputs_to_json("plain text") == '"plain text"'  # a plain str is still an output value
     with pytest.raises(ValueError, match="strict JSON"):
         outputs_to_json({"a": float("inf")})
     assert failure_kind("undecodable: PIL said no") == "undecodable" and failure_kind("") == "unknown"
