@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from astrea.extract import ExtractConfig, run  # noqa: E402
 from astrea.shards import Store  # noqa: E402
 from astrea.shards.audit import verify  # noqa: E402
-from tests.extract.test_run import BATCH, _two_shards, _unit_content  # noqa: E402
+from tests.extract.test_run import BATCH, _assert_same_units, _two_shards  # noqa: E402
 
 
 def _cfg(source, store, **kw) -> ExtractConfig:
@@ -46,7 +46,4 @@ def test_extract_on_a_two_node_cluster_writes_what_one_node_writes(tmp_path):
 
     ref = run(_cfg(src, tmp_path / "ref", num_cpus=2))  # one node, started for the job
     assert ref["nodes"] == 1 and ref["experts"][0]["fingerprint"] == r["fingerprint"]
-    a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
-    b = Store(tmp_path / "store").resolve(report["dataset"], "siglip")
-    for u in ("00000", "00001"):
-        assert _unit_content(b, u) == _unit_content(a, u), u
+    _assert_same_units(tmp_path / "ref", tmp_path / "store", ref["dataset"], "siglip", ["00000", "00001"])

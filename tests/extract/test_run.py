@@ -344,84 +344,81 @@ def _two_shards(root: Path) -> Path:
     return root
 
 
-def test_a_decode_worker_killed_mid_task_is_retried_by_ray_and_changes_nothing(tmp_path, ray_cluster):
-    """SIGKILL the process running a decode task (Ray titles it ``ray::decode_window`` while it runs):
-    Ray runs the task again elsewhere and the store holds exactly the bytes of an undisturbed run."""
+def _run_killing(cfg: ExtractConfig, victim) -> tuple[dict, list[int]]:
+    """Run the job while a thread SIGKILLs the first process ``victim()`` names (a pid, or None: not yet)."""
     import threading
 
-    from astrea.shards import Store
-
-    root = _two_shards(tmp_path / "src")
-    ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
     killed: list[int] = []
     stop = threading.Event()
 
     def killer() -> None:
         while not stop.is_set() and not killed:
-            out = subprocess.run(["pgrep", "-f", "^ray::decode_window"], capture_output=True, text=True).stdout.split()
-            if out:
-                os.kill(int(out[0]), signal.SIGKILL)
-                killed.append(int(out[0]))
+            pid = victim()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
                 return
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     try:
-        report = run(_cfg(root, tmp_path / "store", ["siglip"]))
+        report = run(cfg)
     finally:
         stop.set()
         th.join()
+    return report, killed
+
+
+def _assert_same_units(ref_store: Path, store: Path, dataset: str, expert: str, units: list[str]) -> None:
+    from astrea.shards import Store
+
+    a, b = Store(ref_store).resolve(dataset, expert), Store(store).resolve(dataset, expert)
+    assert not b.temp_files()
+    for u in units:
+        assert _unit_content(b, u) == _unit_content(a, u), u
+
+
+def test_a_decode_worker_killed_mid_task_is_retried_by_ray_and_changes_nothing(tmp_path, ray_cluster):
+    """SIGKILL the process running a decode task (Ray titles it ``ray::decode_window`` while it runs):
+    Ray runs the task again elsewhere and the store holds exactly the bytes of an undisturbed run."""
+    root = _two_shards(tmp_path / "src")
+    ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
+
+    def decoding() -> int | None:
+        out = subprocess.run(["pgrep", "-f", "^ray::decode_window"], capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else None
+
+    report, killed = _run_killing(_cfg(root, tmp_path / "store", ["siglip"]), decoding)
     assert killed, "no decode task was seen running: the test did not kill anything"
     r = report["experts"][0]
     assert r["status"] == "done" and r["images_ok"] == ref["experts"][0]["images_ok"] and not r["failures_by_reason"]
-    a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
-    b = Store(tmp_path / "store").resolve(ref["dataset"], "siglip")
-    for u in ("00000", "00001"):
-        assert _unit_content(b, u) == _unit_content(a, u), u
+    _assert_same_units(tmp_path / "ref", tmp_path / "store", ref["dataset"], "siglip", ["00000", "00001"])
 
 
 def test_a_worker_killed_mid_unit_is_replaced_and_its_unit_redone(tmp_path, ray_cluster):
     """SIGKILL the inference actor while it writes a unit (its pid is in the temp file's name): Ray
     restarts it, the unit is handed out again, the job ends 'done' with no temp left, and the store
     holds exactly the bytes of an undisturbed run."""
-    import threading
-
-    from astrea.shards import Store
     from astrea.shards.fsutil import parse_temp
 
     root = _two_shards(tmp_path / "src")
     ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
     edir = tmp_path / "store" / ref["dataset"] / f"siglip@{ref['experts'][0]['fingerprint']}"
-    killed: list[int] = []
-    stop = threading.Event()
 
-    def killer() -> None:
-        while not stop.is_set() and not killed:
-            for p in edir.glob(".*") if edir.is_dir() else []:
-                t = parse_temp(p.name)
-                if t is not None and t.pid != os.getpid():
-                    os.kill(t.pid, signal.SIGKILL)
-                    killed.append(t.pid)
-                    return
-            time.sleep(0.002)
+    def writing() -> int | None:
+        for p in edir.glob(".*") if edir.is_dir() else []:
+            t = parse_temp(p.name)
+            if t is not None and t.pid != os.getpid():
+                return t.pid
+        return None
 
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    try:
-        report = run(_cfg(root, tmp_path / "store", ["siglip"]))
-    finally:
-        stop.set()
-        th.join()
+    report, killed = _run_killing(_cfg(root, tmp_path / "store", ["siglip"]), writing)
     assert killed, "the writer was never seen at work: the test did not kill anything"
     r = report["experts"][0]
     assert r["status"] == "done" and sorted(r["units_committed"]) == ["00000", "00001"], r
     assert r["images_ok"] == 48
-    a = Store(tmp_path / "ref").resolve(ref["dataset"], "siglip")
-    b = Store(tmp_path / "store").resolve(ref["dataset"], "siglip")
-    assert not b.temp_files()
-    for u in ("00000", "00001"):
-        assert _unit_content(b, u) == _unit_content(a, u), u
+    _assert_same_units(tmp_path / "ref", tmp_path / "store", ref["dataset"], "siglip", ["00000", "00001"])
 
 
 def test_a_damaged_source_shard_is_not_written_exit_1_then_a_rerun_after_repair_writes_it(tmp_path, source_dir, ray_cluster):

@@ -69,6 +69,17 @@ def _run(w: UnitWorker, unit: str) -> dict:
     return out["result"]
 
 
+def _write_unit(w: UnitWorker, unit: str, samples: list[dict], results: list) -> dict:
+    """One window of forward results written and committed as ``unit`` by the writer thread's code."""
+    from astrea.extract.pipeline import Window
+
+    job = _UnitJob(w, unit, {}, None, True)
+    job.writer = w.edir.open_unit(unit)
+    job.write_window(Window(0, samples), results)
+    job.finish()
+    return job.future.result(10)
+
+
 def test_units_are_written_in_source_order_and_committed(worker):
     results = {}
     threads = [threading.Thread(target=lambda u=u: results.update({u: _run(worker, u)})) for u in ("00000", "00001")]
@@ -160,7 +171,7 @@ def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_
     stats alike, also when its image failed too."""
     from PIL import Image
 
-    from astrea.extract.pipeline import Window, decode_window
+    from astrea.extract.pipeline import decode_window
 
     buf = io.BytesIO()
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(buf, format="PNG")
@@ -168,11 +179,7 @@ def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_
     decoded = decode_window([buf.getvalue()] * 3, worker.expert.preprocess)
     results = worker.forward_window(samples, decoded)
     results[2] = "undecodable: not an image"
-    job = _UnitJob(worker, "00008", {}, None, True)
-    job.writer = worker.edir.open_unit("00008")
-    job.write_window(Window(0, samples), results)
-    job.finish()
-    res = job.future.result(10)
+    res = _write_unit(worker, "00008", samples, results)
     assert res["status"] == "committed" and res["ok"] == 1 and res["reasons"] == {"invalid key": 2}
     stats = worker.edir.stats("00008")
     assert stats["failures_by_reason"] == {"invalid key": 2} == stats["extra"]["extract"]["failures_by_reason"]
@@ -195,7 +202,7 @@ def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypat
     import torch
 
     from astrea.extract.experts.base import ExpertOutput
-    from astrea.extract.pipeline import Window, decode_window
+    from astrea.extract.pipeline import decode_window
 
     rng = np.random.default_rng(7)
     images = [_png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)), _png(np.full((48, 64, 3), 90, np.uint8)),
@@ -219,11 +226,7 @@ def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypat
         alone = real(torch.from_numpy(decoded[i][0][None]))[0]
         np.testing.assert_allclose(np.asarray(results[i].tokens), np.asarray(alone.tokens), rtol=1e-4, atol=1e-5)
 
-    job = _UnitJob(worker, "00009", {}, None, True)
-    job.writer = worker.edir.open_unit("00009")
-    job.write_window(Window(0, samples), results)
-    job.finish()
-    res = job.future.result(10)
+    res = _write_unit(worker, "00009", samples, results)
     assert res["status"] == "committed" and res["ok"] == 2 and res["reasons"] == {"forward failed": 1}
     rows = worker.edir.read_index("00009").to_pylist()
     assert [r["error"] for r in rows] == [None, "forward failed: ValueError: cannot take a constant image", None]
@@ -294,7 +297,6 @@ def test_outputs_are_encoded_once_and_stored_as_the_writer_would_encode_them(wor
     row (text and checksum) is what the writer makes of the plain dict. Outputs that are not strict JSON
     fail that key only, as a bad expert output."""
     from astrea.extract.experts.base import ExpertOutput
-    from astrea.extract.pipeline import Window
     from astrea.extract.worker import prepare_output
 
     spec = worker.spec
@@ -313,9 +315,5 @@ def test_outputs_are_encoded_once_and_stored_as_the_writer_would_encode_them(wor
     assert [s[2] for _, s in worker.edir.iter_stored("00010")] == [s[2] for _, s in worker.edir.iter_stored("00011")]
 
     samples = [{"key": "bad", "error": None, "caption": None, "labels": {}, "prompts": None}]
-    job = _UnitJob(worker, "00012", {}, None, True)
-    job.writer = worker.edir.open_unit("00012")
-    job.write_window(Window(0, samples), [ExpertOutput(tokens=tokens, pooled=pooled, outputs={"x": np.float32(1)})])
-    job.finish()
-    res = job.future.result(10)
+    res = _write_unit(worker, "00012", samples, [ExpertOutput(tokens=tokens, pooled=pooled, outputs={"x": np.float32(1)})])
     assert res["reasons"] == {"bad expert output": 1} and res["ok"] == 0
