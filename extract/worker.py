@@ -74,7 +74,7 @@ def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.nda
         from astrea.extract.experts.common import storage_error
 
         err = storage_error(np.concatenate([tokens.ravel(), pooled]), spec.dtype)
-    outputs = outputs_to_json(o.outputs)  # raises ValueError on what is not strict JSON; the writer reuses it
+    outputs = outputs_to_json(o.outputs or {})  # ValueError when not strict JSON; the writer stores this text
     if spec.dtype == "bfloat16":  # the writer rounds float32 to bfloat16 itself (numpy has no bfloat16)
         return tokens, pooled, outputs, err
     return st_tokens, st_pooled, outputs, err

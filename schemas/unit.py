@@ -78,7 +78,9 @@ def outputs_to_json(outputs: Any) -> OutputsJSON:
     if isinstance(outputs, OutputsJSON):
         return outputs
     try:
-        return OutputsJSON(json.dumps(outputs if outputs is not None else {}, sort_keys=True, separators=(",", ":"),
-                                      allow_nan=False, ensure_ascii=False))
+        text = json.dumps(outputs if outputs is not None else {}, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate would pass dumps and break the checksum and every reader
+        return OutputsJSON(text)
     except (TypeError, ValueError) as e:
         raise ValueError(f"outputs are not strict JSON ({e}); convert arrays to lists and drop NaN/inf") from None

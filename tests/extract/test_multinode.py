@@ -1,6 +1,7 @@
 """`astrea extract --address` on a Ray cluster of two nodes (two raylets on this machine, Ray's own
-``cluster_utils.Cluster``): the expert is planned in a Ray task on a worker node instead of the driver,
-actors and decode tasks spread over both nodes, and the store holds exactly what a one-node run writes.
+``cluster_utils.Cluster``): the job takes its multi-node path (the expert planned in a Ray task, not in the
+driver; actors and decode tasks placed by Ray on either node), and the store holds exactly what a one-node
+run writes.
 Its own module: the job connects to that cluster, so no in-process Ray of another module may be running."""
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def _cfg(source, store, **kw) -> ExtractConfig:
                          batch_size=BATCH, progress=False, **kw)
 
 
-def test_extract_on_a_two_node_cluster_writes_what_one_node_writes(tmp_path):
+def test_extract_on_a_two_node_cluster_writes_what_one_node_writes(tmp_path, monkeypatch):
+    import tempfile
+
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The test cluster writes its address where a plain ray.init() on this machine looks for one: keep it
+    # in a directory of its own (short: Ray's socket paths live under it).
+    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     src = _two_shards(tmp_path / "src")
     if ray.is_initialized():  # a Ray left in this process would be used instead of the cluster
         ray.shutdown()

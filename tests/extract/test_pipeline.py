@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from astrea.extract.experts.registry import ExpertConfig, default_variant
+from astrea.extract.experts.registry import EXPERTS, ExpertConfig, default_variant
 from astrea.extract.pipeline import MAX_PREPROCESSOR_BYTES, decode_one, light_preprocessor
 
 
@@ -92,7 +92,7 @@ def test_an_offered_preprocessor_is_checked_and_its_size_bounded():
     assert light_preprocessor(_Offers(_Bulky(MAX_PREPROCESSOR_BYTES + 1))) is None  # would ship to every task
 
 
-@pytest.mark.parametrize("name", ["siglip", "ram_plus", "grounding_dino", "sam2"])
+@pytest.mark.parametrize("name", EXPERTS.names())
 def test_every_expert_gets_a_light_preprocessor_equal_to_its_own(name):
     """The registry's experts all decode in CPU tasks; the report would otherwise say the actor decodes."""
     import ray.cloudpickle as cloudpickle

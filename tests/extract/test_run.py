@@ -355,7 +355,10 @@ def _run_killing(cfg: ExtractConfig, victim) -> tuple[dict, list[int]]:
         while not stop.is_set() and not killed:
             pid = victim()
             if pid is not None:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended between the look and the kill: look again
+                    continue
                 killed.append(pid)
                 return
             time.sleep(0.002)
@@ -385,9 +388,19 @@ def test_a_decode_worker_killed_mid_task_is_retried_by_ray_and_changes_nothing(t
     root = _two_shards(tmp_path / "src")
     ref = run(_cfg(root, tmp_path / "ref", ["siglip"]))
 
+    # Only workers of this test's own Ray (children of its raylet): never another job's on a shared machine.
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
     def decoding() -> int | None:
-        out = subprocess.run(["pgrep", "-f", "^ray::decode_window"], capture_output=True, text=True).stdout.split()
-        return int(out[0]) if out else None
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or not (proc / "cmdline").read_bytes().startswith(b"ray::decode_window"):
+                    continue
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == raylet:
+                    return int(proc.name)
+            except (OSError, ValueError, IndexError):  # the process ended meanwhile
+                continue
+        return None
 
     report, killed = _run_killing(_cfg(root, tmp_path / "store", ["siglip"]), decoding)
     assert killed, "no decode task was seen running: the test did not kill anything"
@@ -476,11 +489,17 @@ class _UnitsActor:
 
     def run_unit(self, unit: str) -> dict:
         with self.lock:
+            first = not os.path.exists(self.log) or all(json.loads(line)["unit"] != unit for line in open(self.log))
             with open(self.log, "a") as f:
                 f.write(json.dumps({"unit": unit, "pid": os.getpid(), "beside": sorted(self.active)}) + "\n")
             self.active.add(unit)
         if unit.startswith("poison"):
-            time.sleep(0.3)
+            # The first time, strike only once a neighbour runs beside it (the scheduler hands out two
+            # units per actor), however slowly this machine starts it.
+            deadline = time.monotonic() + 30
+            while first and len(self.active) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)
             os._exit(1)
         time.sleep(1.0)  # a neighbour is still running when the poison strikes
         with self.lock:
@@ -498,9 +517,13 @@ def test_a_unit_that_kills_its_actor_is_retried_alone_and_given_up_after_its_att
     cls = ray.remote(_UnitsActor).options(num_cpus=0, max_concurrency=4, max_restarts=WORKER_RESTARTS,
                                           max_task_retries=0)
     actors = [cls.remote(str(log)) for _ in range(2)]
-    ray.get([a.ready.remote() for a in actors])
-    units = ["a", "poison", "b", "c", "d"]
-    out = list(_Scheduler(actors, units, lambda a, u: a.run_unit.remote(u)).results(lambda counts: None))
+    try:
+        ray.get([a.ready.remote() for a in actors])
+        units = ["a", "poison", "b", "c", "d"]
+        out = list(_Scheduler(actors, units, lambda a, u: a.run_unit.remote(u)).results(lambda counts: None))
+    finally:
+        for a in actors:
+            ray.kill(a)
     errors = {u: e for u, _, e in out if e is not None}
     done = sorted(u for u, r, e in out if e is None and r["unit"] == u)
     assert done == ["a", "b", "c", "d"]
@@ -516,8 +539,6 @@ def test_a_unit_that_kills_its_actor_is_retried_alone_and_given_up_after_its_att
     for p in poison[1:]:  # every retry alone, and nothing joined it in its process while it ran
         assert p["beside"] == []
         assert not any("poison" in s["beside"] for s in starts if s["pid"] == p["pid"])
-    for a in actors:
-        ray.kill(a)
 
 
 def test_an_actor_past_its_restarts_leaves_the_pool_and_with_none_left_the_job_stops(tmp_path, ray_cluster):
@@ -527,6 +548,9 @@ def test_an_actor_past_its_restarts_leaves_the_pool_and_with_none_left_the_job_s
     actor = cls.remote(str(tmp_path / "starts.jsonl"))
     ray.get(actor.ready.remote())
     sched = _Scheduler([actor], ["poison", "b"], lambda a, u: a.run_unit.remote(u))
-    with pytest.raises(ExtractError, match="every inference worker died"):
-        list(sched.results(lambda counts: None))
+    try:
+        with pytest.raises(ExtractError, match="every inference worker died"):
+            list(sched.results(lambda counts: None))
+    finally:
+        ray.kill(actor)
     assert sched.dead == {0}

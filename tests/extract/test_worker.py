@@ -232,33 +232,47 @@ def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypat
     assert [r["error"] for r in rows] == [None, "forward failed: ValueError: cannot take a constant image", None]
 
 
-def _hold_unit(edir, unit: str, seconds: float):
-    """Another process writing ``unit`` (a writer of a killed job that is still going away)."""
+def _hold_unit(edir, unit: str):
+    """Another process writing ``unit`` (a writer of a killed job that is still going away), until the
+    returned process is given a line on stdin (then it aborts and exits) or killed."""
     import subprocess
     import sys
     import textwrap
 
-    code = textwrap.dedent(f"""
-        import sys, time
+    code = textwrap.dedent("""
+        import sys
         from astrea.shards.store import ExpertDir
         w = ExpertDir.open(sys.argv[1]).open_unit(sys.argv[2])
         print("open", flush=True)
-        time.sleep({seconds})
+        sys.stdin.readline()
         w.abort()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(edir.path), unit], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(edir.path), unit], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "open"
     return proc
 
 
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(result=fn()), daemon=True)
+    t.start()
+    return t, out
+
+
 def test_a_unit_another_live_process_writes_is_waited_for_then_written(worker):
-    holder = _hold_unit(worker.edir, "00000", 2.0)
+    holder = _hold_unit(worker.edir, "00000")
     try:
         assert [p.name for p in worker.edir.temp_files()]  # the other writer's temp is there
-        res = _run(worker, "00000")
+        t, out = _in_background(lambda: _run(worker, "00000"))
+        t.join(2.0)
+        assert t.is_alive() and not worker.edir.is_committed("00000")  # waiting, not writing beside it
+        holder.communicate("go\n", timeout=30)  # the other writer goes away
+        t.join(120)
     finally:
+        holder.kill()
         holder.wait(30)
-    assert res["status"] == "committed" and res["ok"] == PER_SHARD
+    assert out["result"]["status"] == "committed" and out["result"]["ok"] == PER_SHARD
 
 
 def test_a_unit_held_past_the_wait_fails_that_unit_only(worker, monkeypatch):
@@ -266,7 +280,7 @@ def test_a_unit_held_past_the_wait_fails_that_unit_only(worker, monkeypatch):
     from astrea.shards.errors import UnitBusyError
 
     monkeypatch.setattr(worker_mod, "UNIT_BUSY_WAIT_S", 1.0)
-    holder = _hold_unit(worker.edir, "00000", 60.0)
+    holder = _hold_unit(worker.edir, "00000")
     try:
         with pytest.raises(UnitBusyError, match="being written by process"):
             _run(worker, "00000")
@@ -278,17 +292,28 @@ def test_a_unit_held_past_the_wait_fails_that_unit_only(worker, monkeypatch):
     assert worker._slots._value == worker.inflight
 
 
-def test_a_unit_handed_again_to_the_actor_still_running_it_joins_that_run(worker):
+def test_a_unit_handed_again_to_the_actor_still_running_it_joins_that_run(worker, monkeypatch):
     """The driver hands a unit back to the same actor when it lost contact with it (unreachable is not
     surely dead): the second call waits for the run in progress instead of writing the unit twice."""
-    results: list[dict] = []
-    threads = [threading.Thread(target=lambda: results.append(_run(worker, "00001"))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert [r["status"] for r in results] == ["committed", "committed"]
-    assert results[0] == results[1]  # one run, two answers
+    entered, release = threading.Event(), threading.Event()
+    real = UnitWorker.forward_window
+
+    def held(self, samples, decoded):  # the run stays in progress until both calls are in
+        entered.set()
+        release.wait(60)
+        return real(self, samples, decoded)
+
+    monkeypatch.setattr(UnitWorker, "forward_window", held)
+    first, a = _in_background(lambda: _run(worker, "00001"))
+    assert entered.wait(60)
+    second, b = _in_background(lambda: _run(worker, "00001"))
+    second.join(1.0)  # the second call is in run_unit, waiting on the same job
+    assert second.is_alive() and len(worker._jobs) == 1
+    release.set()
+    first.join(120)
+    second.join(120)
+    assert a["result"]["status"] == b["result"]["status"] == "committed"
+    assert a["result"] == b["result"]  # one run, two answers
     assert [row["key"] for row in worker.edir.read_index("00001").to_pylist()] == [f"{i:06d}" for i in range(5, 10)]
 
 
@@ -298,12 +323,14 @@ def test_outputs_are_encoded_once_and_stored_as_the_writer_would_encode_them(wor
     fail that key only, as a bad expert output."""
     from astrea.extract.experts.base import ExpertOutput
     from astrea.extract.worker import prepare_output
+    from astrea.schemas.unit import OutputsJSON
 
     spec = worker.spec
     tokens = np.ones((spec.grid * spec.grid, spec.token_dim), np.float32)
     pooled = np.ones(spec.pooled_dim, np.float32)
     outputs = {"scores": [0.5, 0.25], "boxes": [(0.0, 0.1, 0.5, 0.9)], "labels": ["a cat"]}
     t, p, out, _ = prepare_output(spec, ExpertOutput(tokens=tokens, pooled=pooled, outputs=outputs), False)
+    assert isinstance(out, OutputsJSON)  # the writer stores this text as is
     with pytest.raises(ValueError, match="strict JSON"):
         prepare_output(spec, ExpertOutput(tokens=tokens, pooled=pooled, outputs={"scores": [float("nan")]}), False)
     for unit, given in (("00010", out), ("00011", outputs)):

@@ -57,5 +57,7 @@ def test_outputs_json_and_failure_kind():
     assert outputs_to_json(once) is once  # encoded text is not encoded again (it would become a JSON string)
     assert outputs_to_json("plain text") == '"plain text"'  # a plain str is still an output value
     with pytest.raises(ValueError, match="strict JSON"):
+        outputs_to_json({"label": "\ud800"})  # not encodable as UTF-8
+    with pytest.raises(ValueError, match="strict JSON"):
         outputs_to_json({"a": float("inf")})
     assert failure_kind("undecodable: PIL said no") == "undecodable" and failure_kind("") == "unknown"
