@@ -55,7 +55,10 @@ def save_llm(loaded: LoadedLLM, out_dir: str | Path) -> None:
     base = loaded.model
     if hasattr(base, "get_base_model"):  # peft: save the frozen base, LoRA weights live in checkpoints
         base = base.get_base_model()
-    base.save_pretrained(out_dir, safe_serialization=True)
+    # peft wraps the adapted layers in place (q_proj.weight becomes q_proj.base_layer.weight, beside
+    # lora_A/lora_B): save the base under its plain names, or a reload re-initialises those layers.
+    sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out_dir)
 
 
