@@ -22,15 +22,25 @@ from astrea.shards import Store
 PER_SHARD, BATCH = 5, 2
 
 
-def _shard(root: Path, name: str, first: int) -> None:
+def _png(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _sample(key: str) -> dict:
+    """A window sample as the reader makes it (image bytes already handed to decoding)."""
+    return {"key": key, "error": None, "caption": None, "labels": {}, "prompts": None}
+
+
+def _shard(root: Path, name: str, first: int) -> None:
     rng = np.random.default_rng(first)
     with tarfile.open(root / f"{name}.tar", "w") as tar:
         for i in range(first, first + PER_SHARD):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
-            for member, data in ((f"{i:06d}.png", buf.getvalue()), (f"{i:06d}.txt", f"image {i}".encode())):
+            png = _png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+            for member, data in ((f"{i:06d}.png", png), (f"{i:06d}.txt", f"image {i}".encode())):
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -50,8 +60,8 @@ def worker(tmp_path):
     return w
 
 
-def _run(w: UnitWorker, unit: str) -> dict:
-    """``run_unit`` with a deadline: a unit whose future is never set would otherwise hang the suite."""
+def _start(w: UnitWorker, unit: str) -> tuple[threading.Thread, dict]:
+    """``run_unit`` in a thread of its own; its result (or exception) lands in the returned dict."""
     out: dict = {}
 
     def call() -> None:
@@ -62,6 +72,12 @@ def _run(w: UnitWorker, unit: str) -> dict:
 
     t = threading.Thread(target=call, daemon=True)
     t.start()
+    return t, out
+
+
+def _run(w: UnitWorker, unit: str) -> dict:
+    """``run_unit`` with a deadline: a unit whose future is never set would otherwise hang the suite."""
+    t, out = _start(w, unit)
     t.join(120)
     assert out, f"unit {unit}: run_unit did not return"
     if "error" in out:
@@ -169,14 +185,10 @@ def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_
     """The sources already give repeated keys stand-ins; a key that still reaches the writer twice goes
     under the actor's own stand-in, and counts as `invalid key` in the actor's report and in the unit's
     stats alike, also when its image failed too."""
-    from PIL import Image
-
     from astrea.extract.pipeline import decode_window
 
-    buf = io.BytesIO()
-    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(buf, format="PNG")
-    samples = [{"key": "a", "error": None, "caption": None, "labels": {}, "prompts": None} for _ in range(3)]
-    decoded = decode_window([buf.getvalue()] * 3, worker.expert.preprocess)
+    samples = [_sample("a") for _ in range(3)]
+    decoded = decode_window([_png(np.zeros((48, 64, 3), np.uint8))] * 3, worker.expert.preprocess)
     results = worker.forward_window(samples, decoded)
     results[2] = "undecodable: not an image"
     res = _write_unit(worker, "00008", samples, results)
@@ -186,14 +198,6 @@ def test_a_key_the_store_refuses_counts_as_invalid_key_in_the_report_and_in_the_
     rows = worker.edir.read_index("00008").to_pylist()
     assert [r["key"] for r in rows] == ["a", "invalid-key-000001", "invalid-key-000002"]
     assert "undecodable" in rows[2]["error"]  # the first failure is kept in the reason
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypatch):
@@ -216,7 +220,7 @@ def test_a_window_the_forward_refuses_is_redone_image_by_image(worker, monkeypat
         return real(x, prompts)
 
     monkeypatch.setattr(worker.expert, "forward", refuses_constant_images)
-    samples = [{"key": f"k{i}", "error": None, "caption": None, "labels": {}, "prompts": None} for i in range(3)]
+    samples = [_sample(f"k{i}") for i in range(3)]
     decoded = decode_window(images, worker.expert.preprocess)
     results = worker.forward_window(samples, decoded)
     assert calls == [3, 1, 1, 1]
@@ -253,18 +257,11 @@ def _hold_unit(edir, unit: str):
     return proc
 
 
-def _in_background(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.update(result=fn()), daemon=True)
-    t.start()
-    return t, out
-
-
 def test_a_unit_another_live_process_writes_is_waited_for_then_written(worker):
     holder = _hold_unit(worker.edir, "00000")
     try:
         assert [p.name for p in worker.edir.temp_files()]  # the other writer's temp is there
-        t, out = _in_background(lambda: _run(worker, "00000"))
+        t, out = _start(worker, "00000")
         t.join(2.0)
         assert t.is_alive() and not worker.edir.is_committed("00000")  # waiting, not writing beside it
         holder.communicate("go\n", timeout=30)  # the other writer goes away
@@ -304,9 +301,9 @@ def test_a_unit_handed_again_to_the_actor_still_running_it_joins_that_run(worker
         return real(self, samples, decoded)
 
     monkeypatch.setattr(UnitWorker, "forward_window", held)
-    first, a = _in_background(lambda: _run(worker, "00001"))
+    first, a = _start(worker, "00001")
     assert entered.wait(60)
-    second, b = _in_background(lambda: _run(worker, "00001"))
+    second, b = _start(worker, "00001")
     second.join(1.0)  # the second call is in run_unit, waiting on the same job
     assert second.is_alive() and len(worker._jobs) == 1
     release.set()
@@ -341,6 +338,6 @@ def test_outputs_are_encoded_once_and_stored_as_the_writer_would_encode_them(wor
     assert a["checksum"] == b["checksum"]
     assert [s[2] for _, s in worker.edir.iter_stored("00010")] == [s[2] for _, s in worker.edir.iter_stored("00011")]
 
-    samples = [{"key": "bad", "error": None, "caption": None, "labels": {}, "prompts": None}]
+    samples = [_sample("bad")]
     res = _write_unit(worker, "00012", samples, [ExpertOutput(tokens=tokens, pooled=pooled, outputs={"x": np.float32(1)})])
     assert res["reasons"] == {"bad expert output": 1} and res["ok"] == 0
