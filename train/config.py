@@ -52,6 +52,12 @@ class LLMConfig:
     intermediate_size: int = 128
     max_positions: int = 2048
     seed: int = 0
+    # tiny-random only: text-only warm-up on the training split's target texts before the first stage
+    # (astrea.train.text_warmup); 0 keeps the LLM random. A hub/local LLM is never warmed up.
+    text_warmup_steps: int = 400
+    text_warmup_lr: float = 3e-3
+    text_warmup_batch: int = 16
+    text_warmup_texts: int = 4096  # distinct (prompt, target) pairs read at most
 
 
 @dataclass
@@ -151,6 +157,10 @@ class TrainConfig:
             ("residual.p", 0.0 <= self.residual.p <= 1.0, "must be in [0, 1]"),
             ("dataset.heldout_fraction", 0.0 <= self.dataset.heldout_fraction < 1.0, "must be in [0, 1)"),
             ("workers", self.workers >= 1, "must be >= 1"),
+            ("llm.text_warmup_steps", self.llm.text_warmup_steps >= 0, "must be >= 0 (0: no warm-up)"),
+            ("llm.text_warmup_lr", self.llm.text_warmup_lr > 0, "must be > 0"),
+            ("llm.text_warmup_batch", self.llm.text_warmup_batch >= 1, "must be >= 1"),
+            ("llm.text_warmup_texts", self.llm.text_warmup_texts >= 1, "must be >= 1"),
         ]
         for name, ok, fix in checks:
             if not ok:

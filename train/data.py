@@ -216,3 +216,33 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation with no fixed point (``out[i] != i`` for every i; identity for n < 2).
+
+    Built as one cycle through a shuffled order, so every sample gets another sample's features."""
+    if n < 2:
+        return list(range(n))
+    order = np.random.default_rng(seed).permutation(n)
+    out = [0] * n
+    for j in range(n):
+        out[int(order[j])] = int(order[(j + 1) % n])
+    return out
+
+
+def with_permuted_features(batches: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The same batches, each sample's expert features (tokens, pooled) replaced by another sample's.
+
+    The control that says whether the visual path is used: texts, targets and keys stay; only which
+    image's features precede them changes (a derangement over all samples of all batches, so a batch
+    of one is permuted too). A model that ignores the image scores the same on both."""
+    sizes = [len(b["keys"]) for b in batches]
+    perm = derangement(sum(sizes), seed)
+    out = [dict(b, tokens={}, pooled={}) for b in batches]
+    for field_ in ("tokens", "pooled"):
+        for e in (batches[0][field_] if batches else {}):
+            flat = torch.cat([b[field_][e] for b in batches])[perm]
+            for o, chunk in zip(out, flat.split(sizes), strict=True):
+                o[field_][e] = chunk
+    return out

@@ -186,7 +186,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, store_opener
+    from astrea.train.data import Collator, store_opener, with_permuted_features
     from astrea.train.main_stage import MainStage
     from astrea.train.moe import RoutingStats
 
@@ -222,20 +222,25 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         "experts_random_weights": lr.info.get("experts_random_weights", {}),
         "heldout_fraction": frac,
         "heldout": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
+        "heldout_permuted": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
         "retrieval": None,
         "routing": None,
         "notes": [],
     }
+    # The control beside every held-out number: the same texts, each image's features replaced by another
+    # held-out image's (a derangement). A model that ignores the image scores the same on both.
     for stage in lr.stages:
         if isinstance(stage, MainStage):
             continue
-        acc = _LossSum()
-        for b in scored(stage, stage.render):
-            b = _to_device(b, lr.device)
-            loss, n, _ = lreg(stage, b)
-            acc.add(loss, n, len(b["keys"]))
-        out["heldout"]["stages"][stage.name] = acc.value()
-        out["heldout"]["samples"][stage.name] = acc.samples
+        bs = list(scored(stage, stage.render))
+        for part, batches_ in (("heldout", bs), ("heldout_permuted", with_permuted_features(bs, seed=cfg.seed))):
+            acc = _LossSum()
+            for b in batches_:
+                b = _to_device(b, lr.device)
+                loss, n, _ = lreg(stage, b)
+                acc.add(loss, n, len(b["keys"]))
+            out[part]["stages"][stage.name] = acc.value()
+            out[part]["samples"][stage.name] = acc.samples
 
     main = next((s for s in lr.stages if isinstance(s, MainStage)), None)
     if main is None:
@@ -243,12 +248,13 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     else:
         names = list(main.experts)
         per_task = {t: RoutingStats(len(names), main.mc.top_k) for t in main.mc.tasks}
-        total = _LossSum()
+        total, total_perm = _LossSum(), _LossSum()
         q_v, q_t = [], []
         moco = model.extras["moco"] if "moco" in model.extras else None
         for task in main.mc.tasks:
+            bs = list(scored(main, main.render_task(task)))
             acc = _LossSum()
-            for b in scored(main, main.render_task(task)):
+            for b in bs:
                 b = _to_device(b, lr.device)
                 loss, n, visual = lreg(main, b)
                 acc.add(loss, n, len(b["keys"]))
@@ -264,6 +270,15 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
                         q_t.append(t.cpu())
             out["heldout"]["main"][task] = acc.value()
             out["heldout"]["samples"][f"main/{task}"] = acc.samples
+            acc = _LossSum()
+            for b in with_permuted_features(bs, seed=cfg.seed):
+                b = _to_device(b, lr.device)
+                loss, n, _ = lreg(main, b)
+                acc.add(loss, n, len(b["keys"]))
+                total_perm.add(loss, n, len(b["keys"]))
+            out["heldout_permuted"]["main"][task] = acc.value()
+            out["heldout_permuted"]["samples"][f"main/{task}"] = acc.samples
+        out["heldout_permuted"]["main_mean"] = total_perm.value()
         out["heldout"]["main_mean"] = total.value()
         overall = RoutingStats(len(names), main.mc.top_k)
         for st in per_task.values():
@@ -299,20 +314,37 @@ def _f(v: Any, fmt: str = ".4f") -> str:
     return format(v, fmt) if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)) else "-"
 
 
+def _gain(true: Any, permuted: Any) -> float | None:
+    ok = all(isinstance(v, int | float) and math.isfinite(v) for v in (true, permuted))
+    return permuted - true if ok else None
+
+
 def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
     lines = [f"{heading} Evaluation of `{m['run']}`", ""]
     for note in m.get("notes", []):
         lines.append(f"> {note}")
     lines += ["", f"Weights: `{m['weights']}`; held-out fraction {m['heldout_fraction']}.", ""]
     h = m["heldout"]
+    hp = m.get("heldout_permuted") or {"stages": {}, "main": {}, "main_mean": None}
+    if h["stages"] or h["main"]:
+        lines += [
+            "Control: *permuted* scores the same held-out texts with each image's expert features replaced by "
+            "another held-out image's. The image gain (permuted - true, nats/token) is what the visual path "
+            "contributes; about 0 means the model does not use the image.", "",
+        ]
     if h["stages"]:
-        lines += [f"{heading}# Held-out L_reg per pre-alignment stage", "", "| stage | L_reg | images |", "|---|---:|---:|"]
-        lines += [f"| {s} | {_f(v)} | {h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
+        lines += [f"{heading}# Held-out L_reg per pre-alignment stage", "",
+                  "| stage | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {s} | {_f(v)} | {_f(hp['stages'].get(s))} | {_f(_gain(v, hp['stages'].get(s)))} | "
+                  f"{h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
         lines.append("")
     if h["main"]:
-        lines += [f"{heading}# Main stage: held-out L_reg per task type", "", "| task | L_reg | images |", "|---|---:|---:|"]
-        lines += [f"| {t} | {_f(v)} | {h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
-        lines += [f"| **all (token-weighted)** | {_f(h['main_mean'])} | |", ""]
+        lines += [f"{heading}# Main stage: held-out L_reg per task type", "",
+                  "| task | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {t} | {_f(v)} | {_f(hp['main'].get(t))} | {_f(_gain(v, hp['main'].get(t)))} | "
+                  f"{h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
+        lines += [f"| **all (token-weighted)** | {_f(h['main_mean'])} | {_f(hp.get('main_mean'))} | "
+                  f"{_f(_gain(h['main_mean'], hp.get('main_mean')))} | |", ""]
     r = m.get("retrieval")
     if r:
         lines += [

@@ -100,6 +100,10 @@ class Stage:
     def render(self, sample: dict[str, Any]) -> Rendered | None:
         return render(sample, self.tasks(), self.ctx.cfg.target_sources, self.ctx.target_options(), self.ctx.stats)
 
+    def text_renders(self) -> list[Any]:
+        """Render functions whose texts this stage trains on (the LLM's text-only warm-up reads them)."""
+        return [self.render]
+
     # -- non-module state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

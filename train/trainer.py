@@ -19,7 +19,15 @@ import torch
 
 from astrea.train.checkpoint import CheckpointDir, load_optimizer, save_tensors, set_rng_state, write_checkpoint
 from astrea.train.config import TrainConfig
-from astrea.train.data import Collator, Position, Prefetcher, batches, heldout_batches, store_opener
+from astrea.train.data import (
+    Collator,
+    Position,
+    Prefetcher,
+    batches,
+    heldout_batches,
+    store_opener,
+    with_permuted_features,
+)
 from astrea.train.distributed import DistInfo, all_gather_floats, all_gather_ints, all_sum, average_gradients
 from astrea.train.errors import TrainError
 from astrea.train.metrics import Metrics
@@ -47,6 +55,8 @@ class StageResult:
     steps: int
     heldout_before: float | None = None
     heldout_after: float | None = None
+    # the control: the same held-out texts with every image's features replaced by another image's
+    heldout_permuted_after: float | None = None
     last_loss: float | None = None
     seconds: float = 0.0
     samples: int = 0
@@ -132,11 +142,11 @@ class Trainer:
                 self.model.llm.eval()
         return (loss_sum / tokens if tokens else None), int(samples)
 
-    def log_heldout(self, stage: Stage, step: int, hb: list[dict[str, Any]]) -> float | None:
+    def log_heldout(self, stage: Stage, step: int, hb: list[dict[str, Any]], *, kind: str = "heldout") -> float | None:
         loss, n = self.heldout_loss(stage, hb)
         if loss is not None:
             self.metrics.log(
-                {"kind": "heldout", "stage": stage.name, "step": step, "global_step": self.global_step,
+                {"kind": kind, "stage": stage.name, "step": step, "global_step": self.global_step,
                  "loss_reg": loss, "samples": n}
             )
         return loss
@@ -301,6 +311,9 @@ class Trainer:
             self.metrics.close_bar()
         result.seconds = seconds_before + time.perf_counter() - t_stage
         result.heldout_after = self.log_heldout(stage, total, hb)
+        result.heldout_permuted_after = self.log_heldout(
+            stage, total, with_permuted_features(hb, seed=cfg.seed), kind="heldout_permuted"
+        )
         result.extra = {
             "skipped_records": collator.skipped,
             "truncated_targets": collator.truncated,
