@@ -120,6 +120,15 @@ def format_summary(summary: dict) -> str:
             f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(s['heldout_after'], '.4f'):>9}"
             f"{f(s['samples_per_s'], '.1f'):>11}{f(s['data_wait_fraction'], '.1%'):>11}"
         )
+    for s in summary["stages"]:
+        t = (s.get("extra") or {}).get("targets") or {}
+        cut, dropped = t.get("cut_tasks") or {}, t.get("dropped_items") or {}
+        if cut or dropped:
+            n = t.get("targets", 0)
+            lines.append(
+                f"{s['name']}: targets over dataset.max_text_tokens (of {n}): "
+                + ", ".join([f"{k} cut in {v}" for k, v in cut.items()] + [f"{v} {k} items dropped to fit" for k, v in dropped.items()])
+            )
     drops = summary.get("target_render_drops") or {}
     if drops:
         lines.append("expert outputs dropped from targets: " + ", ".join(f"{k} x{v}" for k, v in drops.items()))

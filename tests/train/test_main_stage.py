@@ -115,7 +115,7 @@ def test_task_per_sample_is_stable_and_covers_all_tasks():
     assert tasks1 == tasks2
     assert set(tasks1) == {"caption", "tags", "boxes", "masks"}
     r = main.render_task("boxes")(recs[0])
-    assert r.prompt == "Instruction: detection.\nAnswer:\n" and r.target == "boxes: dog [0.10,0.20,0.50,0.60]"
+    assert r.prompt == "Instruction: detection.\nAnswer:\n" and r.target == "boxes: dog [10,20,50,59]"  # round(99 v)
     # no caption: the caption task falls through to the next one with text
     nocap = records(40, caption=False)
     assert all(main.render(x).task != "caption" for x in nocap)
