@@ -86,13 +86,18 @@ class Collator:
 
     def counts(self) -> dict[str, Any]:
         """What happened to the targets encoded so far (the run's summary and eval report these)."""
+        from astrea.train.templates import TASKS
+
+        def ordered(c: Counter) -> dict[str, int]:  # task order, whatever order things happened in
+            return {t: c[t] for t in sorted(c, key=lambda t: (TASKS.index(t) if t in TASKS else len(TASKS), t))}
+
         return {
             "targets": self.targets,
             "truncated_targets": self.truncated,
             "fitted_targets": self.fitted,
-            "dropped_items": dict(self.dropped_items),
-            "cut_tasks": dict(self.cut_tasks),
-            "task_targets": dict(self.task_targets),
+            "dropped_items": ordered(self.dropped_items),
+            "cut_tasks": ordered(self.cut_tasks),
+            "task_targets": ordered(self.task_targets),
         }
 
     def n_tokens(self, text: str) -> int:

@@ -13,8 +13,8 @@ Two text formats (``dataset.target_format``):
   (``dataset.mask_grid``, default 4), one hex word of ``ceil(g/4)`` digits per row, top row first, the
   leftmost cell in the highest bit; a cell is on when at least half of it is mask. ``red circle
   [13,13,37,37] 6ff6`` is a 4x4 disc. 4x4 codes cost 19 bytes + label per mask against ~60 for the
-  decimal polygon, and decode (:func:`parse_masks`) to IoU >= 0.75 on the sample's circles, squares and
-  triangles (tests/train/test_targets.py).
+  decimal polygon, and decode (:func:`parse_masks`) closer to the true mask than that polygon: IoU
+  >= 0.74 on the sample dataset's circles, squares and triangles (numbers in docs/train.md).
 - ``decimal`` (before issue 13): boxes with ``decimals`` decimals, masks as the convex hull of the mask
   on a <= 32-cell grid, <= ``polygon_points`` vertices, ``label (x,y x,y ...)``.
 

@@ -124,11 +124,12 @@ def format_summary(summary: dict) -> str:
         t = (s.get("extra") or {}).get("targets") or {}
         cut, dropped = t.get("cut_tasks") or {}, t.get("dropped_items") or {}
         if cut or dropped:
-            n = t.get("targets", 0)
-            lines.append(
-                f"{s['name']}: targets over dataset.max_text_tokens (of {n}): "
-                + ", ".join([f"{k} cut in {v}" for k, v in cut.items()] + [f"{v} {k} items dropped to fit" for k, v in dropped.items()])
-            )
+            what = []
+            if dropped:
+                what.append("items dropped to fit: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+            if cut:
+                what.append("targets cut (content lost): " + ", ".join(f"{k} {v}" for k, v in cut.items()))
+            lines.append(f"{s['name']}: {t.get('targets', 0)} targets vs dataset.max_text_tokens, " + "; ".join(what))
     drops = summary.get("target_render_drops") or {}
     if drops:
         lines.append("expert outputs dropped from targets: " + ", ".join(f"{k} x{v}" for k, v in drops.items()))
