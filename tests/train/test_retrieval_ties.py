@@ -81,3 +81,35 @@ def test_eval_reports_targets_cut_per_stage_and_task(run_copy):  # noqa: F811
     md = (run_copy / "eval.md").read_text()
     assert "Held-out targets vs max_text_tokens" in md and f"| main/caption | {cap['targets']} | caption" in md
     assert m["retrieval"]["unique_captions"] == m["retrieval"]["gallery"]
+
+
+def test_eval_retrieval_on_repeated_held_out_captions(tmp_path):
+    """End to end: a store whose captions repeat; eval passes the texts, so class-level R@k appears."""
+    from astrea.schemas import ExpertSpec
+    from astrea.shards import Store
+    from tests.train.test_eval import TINY_TRAIN
+    from tests.train.test_main_stage import DIMS, records
+
+    store = Store(tmp_path / "store")
+    recs = records(24)
+    for r in recs:
+        r["caption"] = f"a photo of thing {int(r['key']) % 3}"
+    for name, d in DIMS.items():
+        spec = ExpertSpec(expert=name, arch="test", weights="random", weights_sha256="0" * 64, preprocessing={},
+                          grid=2, token_dim=d, pooled_dim=d, dtype="float32")
+        w = store.expert_dir("tiny", spec, create=True).open_unit("00000")
+        for r in recs:
+            e = r["experts"][name]
+            w.add(r["key"], e["tokens"], e["pooled"], e["outputs"], caption=r["caption"])
+        w.commit()
+    from astrea.train.config import TrainConfig
+    from astrea.train.runner import run
+
+    out = tmp_path / "run"
+    run(TrainConfig.from_dict({**TINY_TRAIN, "steps": 1, "store": str(tmp_path / "store"), "out": str(out),
+                               "dataset": {**TINY_TRAIN["dataset"], "heldout_fraction": 0.5}}))
+    r = evaluate(EvalConfig(run=str(out), max_samples=16, batch_size=8))["retrieval"]
+    assert r["gallery"] >= 4 and r["unique_captions"] <= 3
+    assert r["class_level"]["classes"] == r["unique_captions"]
+    assert r["chance"]["R@1"] > 1 / r["gallery"]  # ties raise chance above 1/gallery
+    assert "Class level" in (out / "eval.md").read_text()
