@@ -97,7 +97,7 @@ class DataConfig:
     # drop whole items (lowest-ranked objects/tags of the longest line) until the target fits, instead
     # of cutting it mid-line; both are counted (summary, eval)
     fit_targets: bool = True
-    target_check: int = 64  # training targets scanned at each stage start; a warning says what is lost
+    target_check: int = 64  # training targets scanned per rank at each stage start; a warning says what is lost
     prefetch: int = 2  # batches read ahead by a background thread (0: read inline)
 
 

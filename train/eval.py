@@ -204,7 +204,7 @@ def retrieval_metrics(q_v: torch.Tensor, q_t: torch.Tensor, captions: list[str] 
         i2t = sim @ member.t() / member.sum(1)
         # unique text -> groups of images: the text's row (mean over its copies), best image per group
         rows = member @ sim.t() / member.sum(1, keepdim=True)  # [C, n images]
-        t2i = rows[:, None, :].expand(-1, len(classes), -1).masked_fill(member[None] == 0, -math.inf).max(-1).values
+        t2i = torch.stack([rows[:, member[c].bool()].max(1).values for c in range(len(classes))], dim=1)  # [C, C]
         out["class_level"] = {
             "classes": len(classes),
             "image_to_text": recall_at_k(i2t, query_groups=groups, gallery_groups=classes),

@@ -39,6 +39,7 @@ from astrea.train.templates import TASKS
 
 log = logging.getLogger(__name__)
 
+
 def lr_lambda(total: int, warmup: float, schedule: str):
     warm = int(math.ceil(warmup * total))
 

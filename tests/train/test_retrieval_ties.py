@@ -56,6 +56,8 @@ def test_class_level_ranks_unique_captions():
     assert m["image_to_text"] == {"R@1": 7 / 8, "R@5": 7 / 8}  # image 0: six non-matching texts ahead
     assert m["class_level"]["image_to_text"] == {"R@1": 7 / 8, "R@5": 1.0}  # only one caption ahead
     assert m["class_level"]["classes"] == 3
+    # each caption's best image group is its own (x: image 0 at 0.5 beats 0 elsewhere)
+    assert m["text_to_image"]["R@1"] == 1.0 and m["class_level"]["text_to_image"] == {"R@1": 1.0, "R@5": 1.0}
 
 
 def test_unique_captions_keep_the_old_numbers():
