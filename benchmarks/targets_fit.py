@@ -16,6 +16,12 @@ dataset's own labels (the sample's scenes: 1-3 shapes with exact boxes and masks
 stored expert outputs, i.e. what well-behaved experts would say.
 
     .venv/bin/python benchmarks/targets_fit.py --store demo_out/store --data sample [--labels]
+
+``--iou N`` instead (no store needed) decodes the masks of N generated scenes of the sample dataset
+back from their text and prints the IoU with the true masks per shape, for the compact code (4x4 and
+8x8) and the decimal polygon:
+
+    .venv/bin/python benchmarks/targets_fit.py --iou 300
 """
 
 from __future__ import annotations
@@ -82,14 +88,47 @@ def measure(store: str, data: str, setting: dict[str, Any], *, labels: bool, llm
     return rows
 
 
+def mask_iou_table(scenes: int, seed: int = 123) -> None:
+    import numpy as np
+
+    from astrea.data.sample import _scene
+    from astrea.train.targets import TargetOptions, TargetStats, decode_rle, mask_iou, masks_items, parse_masks
+
+    rng = np.random.default_rng(seed)
+    settings = {"compact 4x4": TargetOptions(), "compact 8x8": TargetOptions(mask_grid=8),
+                "decimal polygon": TargetOptions(format="decimal")}
+    vals: dict[tuple[str, str], list[float]] = {}
+    nbytes: dict[str, list[int]] = {}
+    for _ in range(scenes):
+        _, _, lab = _scene(rng)
+        truth = [decode_rle(m["rle"]) for m in lab["masks"]]
+        for name, opts in settings.items():
+            items = masks_items({"masks": lab["masks"]}, opts, TargetStats())
+            nbytes.setdefault(name, []).extend(len(i) - len(c) for i, c in zip(items, lab["classes"], strict=True))
+            for (_, m), t, c in zip(parse_masks("; ".join(items), truth[0].shape), truth, lab["classes"], strict=True):
+                vals.setdefault((name, c.split()[1]), []).append(mask_iou(m, t))
+    print(f"{scenes} scenes of the sample dataset (seed {seed}): IoU of the decoded mask with the true one, min / mean")
+    print("| text | bytes per mask besides its label (mean) | circle | square | triangle |")
+    print("|---|---:|---:|---:|---:|")
+    for name in settings:
+        cells = [f"{min(v):.3f} / {np.mean(v):.3f}" for v in (vals[(name, s)] for s in ("circle", "square", "triangle"))]
+        print(f"| {name} | {np.mean(nbytes[name]):.1f} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", required=True)
+    ap.add_argument("--store")
+    ap.add_argument("--iou", type=int, default=0, help="decode N generated scenes' masks and print their IoU")
     ap.add_argument("--data", default="sample")
     ap.add_argument("--llm", default="tiny-random")
     ap.add_argument("--max-text-tokens", type=int, default=TrainConfig().dataset.max_text_tokens)
     ap.add_argument("--labels", action="store_true", help="render the dataset's labels instead of expert outputs")
     a = ap.parse_args()
+    if a.iou:
+        mask_iou_table(a.iou)
+        return
+    if not a.store:
+        ap.error("--store is required (or --iou N)")
     print(f"store {a.store} dataset {a.data}, {'dataset labels' if a.labels else 'stored expert outputs'}, "
           f"llm {a.llm}, max_text_tokens {a.max_text_tokens}")
     print("| setting | stage | targets | whole (no line cut) | all items kept | target tokens mean / max "
