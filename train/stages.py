@@ -61,7 +61,10 @@ class StageContext:
 
     def target_options(self) -> TargetOptions:
         d = self.cfg.dataset
-        return TargetOptions(max_objects=d.max_objects, decimals=d.box_decimals, polygon_points=d.polygon_points)
+        return TargetOptions(
+            max_objects=d.max_objects, decimals=d.box_decimals, polygon_points=d.polygon_points,
+            format=d.target_format, mask_grid=d.mask_grid,
+        )
 
 
 class Stage:
