@@ -26,14 +26,20 @@ REAL_WEIGHTS = {
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
-    images: int = 24  # sample images (plus the deliberately broken members)
-    shards: int = 2
-    steps: int = 30  # optimizer steps per training stage
-    # A tiny *random* LLM cannot learn language while frozen, so the demo trains LoRA adapters on it
-    # at a higher peak lr than the paper's 1e-4 (which is for a pretrained LLM); the report says so.
-    lora: bool = True
-    lr: float = 1e-3
-    heldout_fraction: float = 0.25  # of 24 images: ~6 held out, enough for a visible held-out L_reg
+    images: int = 160  # sample images (plus the deliberately broken members): 12 photos, the rest scenes
+    shards: int = 4
+    steps: int = 100  # optimizer steps per training stage
+    # The paper aligns to a pretrained LLM. The demo's tiny LLM is random, so it first gets a text-only
+    # warm-up on the sample's training-split targets (llm.text_warmup_*), then stays frozen through
+    # pre-alignment. lr 3e-3: the paper's 1e-4 is for batch 128 over 500k steps, not 60 steps of 4.
+    text_warmup_steps: int = 400
+    text_warmup_epochs: float = 20.0  # passes over the training texts, at most text_warmup_steps
+    lora: bool = False
+    lr: float = 3e-3
+    heldout_fraction: float = 0.25  # of 120 images: ~30 held out, scored with true and permuted images
+    # Random-weight detectors fire everywhere: at most 8 boxes per image (and so 8 SAM2 box prompts) keep
+    # the targets short enough to fit dataset.max_text_tokens and SAM2 fast enough for a CPU demo.
+    max_objects: int = 8
     batch_size: int = 4
     workers: int = 1  # inference actors
     address: str | None = None  # an existing Ray cluster; None: a local one for the demo
@@ -45,7 +51,7 @@ class DemoConfig:
     timings: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("images", "shards", "steps", "batch_size", "workers", "grid"):
+        for name in ("images", "shards", "steps", "batch_size", "workers", "grid", "max_objects"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name}={getattr(self, name)} must be >= 1")
         if self.shards > self.images:
@@ -91,6 +97,7 @@ def run(cfg: DemoConfig) -> Path:
         experts=["all"], data=str(data_dir), store=str(store), dataset="sample", small=True,
         weights={"*": "random"}, format=cfg.format, grid=cfg.grid, seed=cfg.seed, workers=cfg.workers,
         address=cfg.address, num_cpus=cfg.num_cpus, batch_size=cfg.batch_size, progress=cfg.progress,
+        options={"grounding_dino": {"max_detections": cfg.max_objects}, "sam2": {"max_boxes": cfg.max_objects}},
     )
     xreport = extract_run(xcfg)
     timings["extract (4 experts)"] = time.monotonic() - t
@@ -105,7 +112,8 @@ def run(cfg: DemoConfig) -> Path:
     tcfg = TrainConfig.load(None, {
         "store": str(store), "data": "sample", "out": str(run_dir), "steps": cfg.steps,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "llm.name": "tiny-random", "llm.lora": cfg.lora,
-        "optim.lr": cfg.lr, "dataset.heldout_fraction": cfg.heldout_fraction,
+        "optim.lr": cfg.lr, "dataset.heldout_fraction": cfg.heldout_fraction, "save_every": 0,
+        "llm.text_warmup_steps": cfg.text_warmup_steps, "llm.text_warmup_epochs": cfg.text_warmup_epochs,
     })
     tsummary = train_run(tcfg)
     timings["train (all stages)"] = time.monotonic() - t
@@ -160,9 +168,12 @@ def render(cfg: DemoConfig, out: Path, store: Path, run_dir: Path, run_report: P
     return f"""# astrea demo report
 
 > **All weights in this run are RANDOM.** The four experts are the real architectures at small test
-> sizes with seeded random initialisation, and the LLM is a tiny random Llama-style model. The numbers
-> below show that the pipeline runs end to end and that training reduces the loss on this data; they say
-> nothing about Astrea's accuracy. Commands for real weights are at the end.
+> sizes with seeded random initialisation. The LLM is a tiny Llama-style model with random initial
+> weights{_warmup_note(tsummary)}. The numbers below show that the pipeline runs end to end and that the
+> visual path carries information about the image (the permuted-image control); they say nothing about
+> Astrea's accuracy. Commands for real weights are at the end.
+
+{_image_use(metrics)[0]}
 
 ## Steps and timings
 
@@ -182,9 +193,10 @@ Extraction: {xreport.get('images_ok', 0)} expert-images ok, {xreport.get('images
 ## Training and evaluation
 
 Run directory: `{rel(run_dir)}`; its report with the loss and routing plots: [{rel(run_report)}]({rel(run_report)}).
-Demo training settings: {cfg.steps} steps per stage, batch {cfg.batch_size}, peak lr {cfg.lr:g}
-{"with LoRA adapters on the tiny random LLM" if cfg.lora else "with the LLM frozen"}, held-out fraction
-{cfg.heldout_fraction:g} (the paper's recipe, lr 1e-4 with a frozen pretrained LLM, is the `astrea train` default).
+Demo training settings: {cfg.steps} steps per stage, batch {cfg.batch_size}, peak lr {cfg.lr:g},
+{"LoRA adapters on the LLM" if cfg.lora else "the LLM frozen"} after a text-only warm-up of
+{cfg.text_warmup_steps} steps, held-out fraction {cfg.heldout_fraction:g}. Which choices are the paper's
+and which are ours: docs/train.md ("The LLM").
 
 ![loss per stage]({rel(run_dir)}/loss.png)
 ![routing mass per expert and task]({rel(run_dir)}/routing.png)
@@ -210,6 +222,41 @@ with `--weights ram_plus=/path/ram_plus_swin_large_14m.pth` when offline); see d
 """
 
 
+GAIN_TARGET = 0.1  # nats per target token: "clearly below its permuted control" (issue 13)
+
+
+def _warmup_note(tsummary: dict[str, Any]) -> str:
+    w = ((tsummary or {}).get("llm") or {}).get("text_warmup")
+    if not w:
+        return " and no warm-up: it knows no language"
+    return (f", then trained by astrea for {w['steps']} steps on {w['texts']} target texts of the sample's training "
+            "split, text only, no images (a stand-in for the paper's pretrained LLM)")
+
+
+def _image_use(metrics: dict[str, Any]) -> tuple[str, bool]:
+    """The permuted-image control per pre-alignment stage, and whether every stage clears GAIN_TARGET."""
+    h = (metrics or {}).get("heldout") or {}
+    hp = (metrics or {}).get("heldout_permuted") or {}
+    rows = ["## Does the model use the image?", "",
+            "Held-out L_reg (nats per target token) of each pre-alignment stage with the true images, and with "
+            "each held-out image's features replaced by another held-out image's (same texts). The gain is what "
+            "the visual path contributes.", "",
+            "| stage | L_reg, true images | L_reg, permuted images | image gain | clears " + f"{GAIN_TARGET:g} |",
+            "|---|---:|---:|---:|---|"]
+    ok = bool(h.get("stages"))
+    for name, true in (h.get("stages") or {}).items():
+        perm = (hp.get("stages") or {}).get(name)
+        gain = perm - true if isinstance(true, int | float) and isinstance(perm, int | float) else None
+        passed = gain is not None and gain >= GAIN_TARGET
+        ok = ok and passed
+        rows.append(f"| {name} | {_fmt(true)} | {_fmt(perm)} | {_fmt(gain)} | {'yes' if passed else '**no**'} |")
+    verdict = (f"**Every pre-alignment stage uses the image**: held-out loss with true images is at least "
+               f"{GAIN_TARGET:g} nats/token below the permuted control." if ok else
+               f"**Not every pre-alignment stage clears the {GAIN_TARGET:g} nats/token image gain** on this run; "
+               "more images (`--images`) or steps (`--steps`) help.")
+    return "\n".join(rows + ["", verdict]), ok
+
+
 def _training_summary(tsummary: dict[str, Any], metrics: dict[str, Any]) -> str:
     lines = []
     stages = tsummary.get("stages") if isinstance(tsummary, dict) else None
@@ -217,7 +264,7 @@ def _training_summary(tsummary: dict[str, Any], metrics: dict[str, Any]) -> str:
         stages = [{"name": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in stages.items()]
     if isinstance(stages, list) and stages:
         lines.append("Held-out L_reg of each stage's target before and after that stage's training:\n")
-        keys = [k for k in ("name", "steps", "heldout_before", "heldout_after", "seconds") if any(k in s for s in stages)]
+        keys = [k for k in ("name", "steps", "heldout_before", "heldout_after", "heldout_permuted_after", "seconds") if any(k in s for s in stages)]
         lines.append("| " + " | ".join(keys) + " |")
         lines.append("|" + "---|" * len(keys))
         for s in stages:

@@ -18,6 +18,10 @@ def test_demo_smallest(tmp_path):
     # the two deliberately broken sample members are counted per expert, not hidden
     assert "empty file" in text and "undecodable" in text
     assert "astrea extract --expert all" in text  # the real-weights commands
+    # the permuted-image control per stage, and what the LLM is
+    assert "## Does the model use the image?" in text and "L_reg, permuted images" in text
+    assert "| caption |" in text.split("## Does the model use the image?")[1]
+    assert "text only, no images" in text
     demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
     run_dir = tmp_path / "demo" / "runs" / "001"
     assert demo["run"] == str(run_dir)

@@ -54,7 +54,8 @@ class LLMConfig:
     seed: int = 0
     # tiny-random only: text-only warm-up on the training split's target texts before the first stage
     # (astrea.train.text_warmup); 0 keeps the LLM random. A hub/local LLM is never warmed up.
-    text_warmup_steps: int = 400
+    text_warmup_steps: int = 400  # at most; fewer when text_warmup_epochs passes over the texts end sooner
+    text_warmup_epochs: float = 12.0
     text_warmup_lr: float = 3e-3
     text_warmup_batch: int = 16
     text_warmup_texts: int = 4096  # distinct (prompt, target) pairs read at most
@@ -171,6 +172,7 @@ class TrainConfig:
             ("workers", self.workers >= 1, "must be >= 1"),
             ("llm.text_warmup_steps", self.llm.text_warmup_steps >= 0, "must be >= 0 (0: no warm-up)"),
             ("llm.text_warmup_lr", self.llm.text_warmup_lr > 0, "must be > 0"),
+            ("llm.text_warmup_epochs", self.llm.text_warmup_epochs > 0, "must be > 0"),
             ("llm.text_warmup_batch", self.llm.text_warmup_batch >= 1, "must be >= 1"),
             ("llm.text_warmup_texts", self.llm.text_warmup_texts >= 1, "must be >= 1"),
         ]

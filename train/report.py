@@ -134,7 +134,12 @@ def report(run: str | Path, *, evaluate: bool = True, eval_kwargs: dict[str, Any
     rnd_experts = [e for e, r in info.get("experts_random_weights", {}).items() if r]
     if llm.get("random_weights") or rnd_experts:
         parts = []
-        if llm.get("random_weights"):
+        if llm.get("random_weights") and llm.get("text_warmup"):
+            w = llm["text_warmup"]
+            parts.append(f"the LLM ({llm.get('source')}) has RANDOM-init weights warmed up by astrea on this "
+                         f"dataset's training-split target texts only ({w['steps']} steps, {w['texts']} texts, "
+                         "no images): not a pretrained model")
+        elif llm.get("random_weights"):
             parts.append(f"the LLM ({llm.get('source')}) has RANDOM WEIGHTS")
         if rnd_experts:
             parts.append(f"the experts {', '.join(rnd_experts)} had RANDOM WEIGHTS when the store was extracted")
@@ -149,14 +154,18 @@ def report(run: str | Path, *, evaluate: bool = True, eval_kwargs: dict[str, Any
         "",
     ]
     if summary.get("stages"):
-        lines += ["## Stages", "", "| stage | steps | held-out L_reg before | after | samples/s | data wait |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += ["## Stages", "", "| stage | steps | held-out L_reg before | after | permuted images | image gain "
+                  "| samples/s | data wait |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for s in summary["stages"]:
+            after, perm = s.get("heldout_after"), s.get("heldout_permuted_after")
+            gain = perm - after if isinstance(after, int | float) and isinstance(perm, int | float) else None
             lines.append(
-                f"| {s['name']} | {s['steps']} | {_f(s.get('heldout_before'))} | {_f(s.get('heldout_after'))} | "
-                f"{_f(s.get('samples_per_s'), '.1f')} | {_f(s.get('data_wait_fraction'), '.1%')} |"
+                f"| {s['name']} | {s['steps']} | {_f(s.get('heldout_before'))} | {_f(after)} | {_f(perm)} | "
+                f"{_f(gain, '+.4f')} | {_f(s.get('samples_per_s'), '.1f')} | {_f(s.get('data_wait_fraction'), '.1%')} |"
             )
-        lines.append("")
+        lines += ["", "*permuted images*: the same held-out texts, each image's features replaced by another "
+                  "held-out image's; *image gain* = permuted - after, in nats per target token (about 0: the "
+                  "model does not use the image).", ""]
     if plot_losses(rows, run_dir / LOSS_PNG):
         lines += ["## Loss per stage", "", f"![loss per stage]({LOSS_PNG})", ""]
     else:

@@ -16,6 +16,7 @@ the first step.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,10 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         _hidden_size_error(saved, f"tiny-random with llm.hidden_size={cfg.llm.hidden_size}", cfg.llm.hidden_size)
     _seed(cfg.seed)
     llm_dir = run_dir / "llm"
-    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None,
-                    warmup=_text_warmup(cfg, stages, device))
-    if llm.text_warmup is None and saved is not None:
-        llm.text_warmup = saved["llm"].get("text_warmup")  # resumed: RUN/llm holds the warmed weights
+    from_dir = _tiny_llm_dir(cfg, llm_dir)
+    llm = build_llm(cfg.llm, from_dir=from_dir, warmup=_text_warmup(cfg, stages, device))
+    if from_dir is not None:  # resumed, or init_from: that run's llm/ holds the warmed weights
+        llm.text_warmup = ((_read_run_json(from_dir.parent) or {}).get("llm") or {}).get("text_warmup")
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
         _hidden_size_error(saved, llm.source, llm.hidden_size)
     model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
@@ -155,6 +156,23 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     return summary
 
 
+def _tiny_llm_dir(cfg: TrainConfig, llm_dir: Path) -> Path | None:
+    """Where a tiny-random LLM is reloaded from: this run's own copy, else the ``init_from`` run's.
+
+    The projectors of an ``init_from`` run were trained against its (warmed-up) tiny LLM; a fresh one,
+    warmed on this run's texts, would be another LLM."""
+    if cfg.llm.name != TINY:
+        return None
+    if llm_dir.is_dir():
+        return llm_dir
+    if cfg.init_from:
+        p = Path(cfg.init_from)
+        for cand in (p, *p.parents[:3]):
+            if (cand / "config.yaml").is_file():
+                return cand / "llm" if (cand / "llm").is_dir() else None
+    return None
+
+
 def _llm_info(llm) -> dict[str, Any]:
     info = {"source": llm.source, "hidden_size": llm.hidden_size, "random_weights": llm.random_weights}
     if llm.text_warmup:
@@ -182,9 +200,12 @@ def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
             raise TrainError("llm.text_warmup_steps > 0 but the training split renders no target text; "
                              "set --set llm.text_warmup_steps=0")
         model.to(device)
-        print(f"[astrea train] text-only warm-up of the tiny LLM: {cfg.llm.text_warmup_steps} steps on "
-              f"{len(texts)} training-split target texts (no images)", flush=True)
-        return warm_up(model, tokenizer, texts, steps=cfg.llm.text_warmup_steps, batch_size=cfg.llm.text_warmup_batch,
+        c = cfg.llm
+        # a few passes over the texts, at most text_warmup_steps: small datasets (tests) stay cheap
+        steps = max(1, min(c.text_warmup_steps, math.ceil(c.text_warmup_epochs * len(texts) / c.text_warmup_batch)))
+        print(f"[astrea train] text-only warm-up of the tiny LLM: {steps} steps on {len(texts)} training-split "
+              "target texts (no images)", flush=True)
+        return warm_up(model, tokenizer, texts, steps=steps, batch_size=cfg.llm.text_warmup_batch,
                        lr=cfg.llm.text_warmup_lr, max_len=cfg.dataset.max_text_tokens, seed=cfg.seed)
 
     return warm

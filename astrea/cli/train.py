@@ -108,18 +108,29 @@ def format_summary(summary: dict) -> str:
         return "training finished (no summary: see the workers' logs)"
     llm = summary["llm"]
     rnd = " (RANDOM WEIGHTS: outputs are meaningless)" if llm.get("random_weights") else ""
+    if llm.get("random_weights") and llm.get("text_warmup"):
+        w = llm["text_warmup"]
+        rnd = (f" (RANDOM init, then a text-only warm-up: {w['steps']} steps on {w['texts']} training-split "
+               "target texts, no images)")
     lines = [f"run {summary['run']}: LLM {llm['source']}{rnd}, {summary['world_size']} process(es)"]
     if any(summary.get("experts_random_weights", {}).values()):
         lines.append("experts with RANDOM WEIGHTS: " + ", ".join(n for n, r in summary["experts_random_weights"].items() if r))
-    lines.append(f"{'stage':<15}{'steps':>6}{'held-out L_reg before':>23}{'after':>9}{'samples/s':>11}{'data wait':>11}")
-    for s in summary["stages"]:
-        def f(v: object, fmt: str) -> str:
-            return format(v, fmt) if isinstance(v, int | float) else "-"
+    lines.append(f"{'stage':<15}{'steps':>6}{'held-out L_reg before':>23}{'after':>9}{'permuted':>10}"
+                 f"{'image gain':>12}{'samples/s':>11}{'data wait':>11}")
 
+    def f(v: object, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    for s in summary["stages"]:
+        after, perm = s.get("heldout_after"), s.get("heldout_permuted_after")
+        gain = perm - after if isinstance(after, int | float) and isinstance(perm, int | float) else None
         lines.append(
-            f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(s['heldout_after'], '.4f'):>9}"
+            f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(after, '.4f'):>9}"
+            f"{f(perm, '.4f'):>10}{f(gain, '+.4f'):>12}"
             f"{f(s['samples_per_s'], '.1f'):>11}{f(s['data_wait_fraction'], '.1%'):>11}"
         )
+    lines.append("permuted: the same held-out texts with each image's features swapped for another image's; "
+                 "image gain = permuted - after (about 0: the image is not used)")
     for s in summary["stages"]:
         t = (s.get("extra") or {}).get("targets") or {}
         cut, dropped = t.get("cut_tasks") or {}, t.get("dropped_items") or {}

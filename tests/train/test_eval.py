@@ -27,12 +27,16 @@ TINY_TRAIN = {
 }
 
 
-def write_store(root: Path, n: int = 24) -> Path:
+def write_store(root: Path, n: int = 24, caption=None) -> Path:
+    """The tiny store; ``caption(i)`` replaces the i-th record's caption (e.g. to make captions repeat)."""
     from astrea.schemas import ExpertSpec
     from astrea.shards import Store
 
     store = Store(root)
     recs = records(n)
+    for i, r in enumerate(recs):
+        if caption is not None:
+            r["caption"] = caption(i)
     for name, d in DIMS.items():
         spec = ExpertSpec(expert=name, arch="test", weights="random", weights_sha256="0" * 64, preprocessing={},
                           grid=2, token_dim=d, pooled_dim=d, dtype="float32")
@@ -144,3 +148,8 @@ def test_main_only_run_starts_from_the_pre_alignment_weights(tmp_path_factory, t
     assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
     trained = [k for k in a if k.startswith("extras.moe.router")]
     assert trained and any(not torch.equal(a[k], b[k]) for k in trained)
+    # the same (warmed-up) tiny LLM as PRE's, not a fresh one warmed on this run's texts
+    la, lb = (load_file(str(r / "llm" / "model.safetensors")) for r in (pre, run))
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert json.loads((run / "run.json").read_text())["llm"].get("text_warmup") == \
+        json.loads((pre / "run.json").read_text())["llm"].get("text_warmup")

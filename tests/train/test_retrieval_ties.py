@@ -87,23 +87,9 @@ def test_eval_reports_targets_cut_per_stage_and_task(run_copy):  # noqa: F811
 
 def test_eval_retrieval_on_repeated_held_out_captions(tmp_path):
     """End to end: a store whose captions repeat; eval passes the texts, so class-level R@k appears."""
-    from astrea.schemas import ExpertSpec
-    from astrea.shards import Store
-    from tests.train.test_eval import TINY_TRAIN
-    from tests.train.test_main_stage import DIMS, records
+    from tests.train.test_eval import TINY_TRAIN, write_store
 
-    store = Store(tmp_path / "store")
-    recs = records(24)
-    for r in recs:
-        r["caption"] = f"a photo of thing {int(r['key']) % 3}"
-    for name, d in DIMS.items():
-        spec = ExpertSpec(expert=name, arch="test", weights="random", weights_sha256="0" * 64, preprocessing={},
-                          grid=2, token_dim=d, pooled_dim=d, dtype="float32")
-        w = store.expert_dir("tiny", spec, create=True).open_unit("00000")
-        for r in recs:
-            e = r["experts"][name]
-            w.add(r["key"], e["tokens"], e["pooled"], e["outputs"], caption=r["caption"])
-        w.commit()
+    write_store(tmp_path / "store", caption=lambda i: f"a photo of thing {i % 3}")
     from astrea.train.config import TrainConfig
     from astrea.train.runner import run
 
