@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 
 from astrea.registry import UnknownNameError
 from astrea.schemas.expert_spec import ExpertSpec, SpecError
-from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION
+from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION, check_row
 from astrea.shards import fsutil
-from astrea.shards.dtypes import from_storage
-from astrea.shards.errors import StoreError, UnitBusyError, UnitCommittedError
+from astrea.shards.dtypes import from_storage, nonfinite_in_storage
+from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import get_format
 from astrea.shards.writer import UnitWriter, created_by
 
@@ -46,6 +46,17 @@ def _check_name(kind: str, name: str) -> str:
         raise StoreError(f"{kind} name {name!r} is not valid: use letters, digits, '_' and '-' "
                          "(it becomes a file name in the store)")
     return name
+
+
+STATUS_DAMAGED = "damaged"  # Record.status of a row a skipping reader could not use (never in an index)
+NONFINITE = "non-finite values"
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """What ``iter_stored(on_damaged="mark")`` yields in place of a row's arrays when the row is unusable."""
+
+    reason: str
 
 
 @dataclass
@@ -218,42 +229,114 @@ class ExpertDir:
             raise StoreError(f"{p}: index lacks column(s) {missing}")
         return table
 
-    def iter_stored(self, unit: str, *, block_rows: int | None = None
-                    ) -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, str] | None]]:
-        """(index row, (tokens, pooled, outputs_json) in storage dtype or None for failed keys), source order."""
+    def unit_problem(self, unit: str) -> str | None:
+        """Why ``unit`` cannot be read (None when it is committed): what a reader that leaves it out says."""
+        stats, index, data = (self.stats_path(unit).is_file(), self.index_path(unit).is_file(),
+                              self.data_path(unit).exists())
+        if stats and index and data:
+            return None
+        if not (stats or index or data):
+            return "not extracted"
+        if not stats:
+            return "not committed (data or index without a stats file: a writer crashed or is still running)"
+        gone = [n for n, there in (("data", data), ("index", index)) if not there]
+        return (f"MISSING {' and '.join(gone)} (its stats file says committed); "
+                f"repair: {self.repair_command()}, then rerun astrea extract")
+
+    def repair_command(self) -> str:
+        return f"astrea shards verify {self.path.parent.parent} --dataset {self.dataset} --expert {self.name} --repair"
+
+    def damaged_error(self, unit: str, key: str, reason: str) -> DamagedRowError:
+        if reason.startswith(NONFINITE):
+            fix = ("the expert produced them (stats nonfinite_rows); re-extract with --dtype bfloat16 or float32, "
+                   "whose range holds them")
+        else:
+            fix = f"repair: {self.repair_command()}, then rerun astrea extract (it redoes the unit)"
+        where = self.data_path(unit)
+        return DamagedRowError(f"{where}: damaged row: unit {unit}, key {key!r}: {reason}; {fix}",
+                               path=str(where), unit=unit, key=key, reason=reason)
+
+    def _may_hold_nonfinite(self, unit: str) -> bool:
+        # A row whose checksum matches holds exactly the bytes the writer counted: when the writer saw no
+        # inf/NaN in the unit, no row can hold one and the per-row scan is skipped.
+        try:
+            return int(self.stats(unit).get("nonfinite_rows", 1)) != 0
+        except (StoreError, TypeError, ValueError):
+            return True
+
+    def iter_stored(self, unit: str, *, block_rows: int | None = None, verify: bool = True,
+                    check_finite: bool = True, on_damaged: str = "raise",
+                    ) -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, str] | Damaged | None]]:
+        """(index row, (tokens, pooled, outputs_json) in storage dtype, or None for failed keys), source order.
+
+        ``verify``: every ok row is checked against its index checksum, and, when the unit's stats count
+        any inf/NaN (``check_finite``), for finiteness. A row that fails, or that the container cannot give
+        back (undecodable chunk, truncated tar, data and index out of step), is damaged: ``on_damaged=
+        "raise"`` raises :class:`DamagedRowError` naming unit and key; ``"mark"`` yields ``Damaged(reason)``
+        in place of its arrays and goes on with the next row.
+        """
+        if on_damaged not in ("raise", "mark"):
+            raise ValueError(f"on_damaged={on_damaged!r}: use 'raise' or 'mark'")
         table = self.read_index(unit)
         rows = table.select(["key", "status", "error", "caption", "labels", "index", "checksum"]).to_pylist()
+        finite = verify and check_finite and self._may_hold_nonfinite(unit)
+        dtype = self.spec.dtype
         data = get_format(self.spec.format).iter_rows(self.data_path(unit), block_rows)
-        where = self.data_path(unit)
+        broken: str | None = None  # the container cannot be read past this point: every later row is damaged
         for row in rows:
             if row["status"] != STATUS_OK:
                 yield row, None
                 continue
+            reason = broken
+            if broken is None:
+                try:
+                    i, key, t, p, out = next(data)
+                except StopIteration:
+                    reason = broken = "the container ends before this key (truncated)"
+                except Exception as e:  # tarfile / zarr / numpy errors on damaged bytes
+                    reason = broken = f"unreadable ({_describe(e)})"
+                else:
+                    if i != row["index"] or key != row["key"]:
+                        reason = broken = (f"the container holds key {key!r} at row {i} where the index expects "
+                                           f"this key at row {row['index']} (data and index disagree)")
+                    elif isinstance(t, Exception):  # a format that isolates an undecodable chunk
+                        reason = f"unreadable ({_describe(t)})"
+                    elif verify and not check_row(row["checksum"], t, p, out):
+                        reason = "checksum mismatch (the stored bytes differ from what was written)"
+                    elif finite and (nonfinite_in_storage(t, dtype) or nonfinite_in_storage(p, dtype)):
+                        reason = f"{NONFINITE} (inf/NaN in the stored features)"
+            if reason is None:
+                yield row, (t, p, out)
+                continue
+            if on_damaged == "raise":
+                raise self.damaged_error(unit, row["key"], reason)
+            yield row, Damaged(reason)
+        if broken is None:
             try:
-                i, key, t, p, out = next(data)
-            except StopIteration:
-                raise StoreError(f"{where}: ends before key {row['key']!r} that its index lists; the unit is "
-                                 "truncated (run `astrea shards verify`)") from None
-            except StoreError:
-                raise
-            except Exception as e:  # tarfile / zarr / numpy errors on damaged bytes: name the unit
-                detail = e.args[0] if e.args and isinstance(e.args[0], str) else repr(e)
-                raise StoreError(f"{where}: unreadable at key {row['key']!r} ({type(e).__name__}: {detail}); the "
-                                 "unit is damaged (run `astrea shards verify`)") from e
-            if i != row["index"] or key != row["key"]:
-                raise StoreError(f"{where}: row {i} holds key {key!r} but the index expects {row['key']!r} at "
-                                 f"row {row['index']}; data and index disagree (run `astrea shards verify`)")
-            yield row, (t, p, out)
-        extra = next(data, None)
-        if extra is not None:
-            raise StoreError(f"{where}: holds key {extra[1]!r} beyond the keys its index lists")
+                extra = next(data, None)
+            except Exception as e:  # noqa: BLE001 - damage past the last indexed row touches no row
+                extra, broken = None, _describe(e)
+            if extra is not None and on_damaged == "raise":
+                raise StoreError(f"{self.data_path(unit)}: holds key {extra[1]!r} beyond the keys its index lists; "
+                                 f"repair: {self.repair_command()}")
 
-    def iter_unit(self, unit: str, *, include_failed: bool = True, block_rows: int | None = None) -> Iterator[Record]:
+    def iter_unit(self, unit: str, *, include_failed: bool = True, block_rows: int | None = None,
+                  verify: bool = True, on_damaged: str = "raise") -> Iterator[Record]:
         """Every key of a committed unit in source order. Arrays come back in the storage dtype
-        (float16 / float32), bfloat16 as float32; failed keys (``include_failed``) carry no arrays."""
+        (float16 / float32), bfloat16 as float32; failed keys (``include_failed``) carry no arrays.
+
+        Rows are verified (see ``iter_stored``); ``on_damaged="skip"`` yields a damaged row as a Record with
+        ``status="damaged"``, ``error`` saying why and no arrays, instead of raising."""
+        if on_damaged not in ("raise", "skip"):
+            raise ValueError(f"on_damaged={on_damaged!r}: use 'raise' or 'skip'")
         dtype = self.spec.dtype
-        for row, stored in self.iter_stored(unit, block_rows=block_rows):
+        mode = "mark" if on_damaged == "skip" else "raise"
+        for row, stored in self.iter_stored(unit, block_rows=block_rows, verify=verify, on_damaged=mode):
             labels = json.loads(row["labels"]) if row["labels"] else None
+            if isinstance(stored, Damaged):
+                yield Record(row["key"], STATUS_DAMAGED, None, None, None, row["caption"], labels,
+                             stored.reason, unit, row["index"])
+                continue
             if stored is None:
                 if include_failed:
                     yield Record(row["key"], row["status"], None, None, None, row["caption"], labels,
@@ -262,6 +345,11 @@ class ExpertDir:
             t, p, out = stored
             yield Record(row["key"], STATUS_OK, from_storage(t, dtype), from_storage(p, dtype), json.loads(out),
                          row["caption"], labels, None, unit, row["index"])
+
+
+def _describe(e: BaseException) -> str:
+    detail = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 class Store:

@@ -91,6 +91,8 @@ class DataConfig:
     box_decimals: int = 2
     polygon_points: int = 8
     prefetch: int = 2  # batches read ahead by a background thread (0: read inline)
+    # A row whose bytes fail their checksum (or hold inf/NaN) stops the run; true skips and counts it.
+    skip_damaged: bool = False
 
 
 @dataclass

@@ -186,7 +186,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, store_opener
+    from astrea.train.data import Collator, StoreReadLog, store_opener
+    from astrea.train.metrics import dumps_strict
     from astrea.train.main_stage import MainStage
     from astrea.train.moe import RoutingStats
 
@@ -200,8 +201,9 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     # One pass over the store collects the held-out records with every expert any stage reads; each stage
     # and task then collates them from memory (8 passes over a large store would read it 8 times).
     union = list(dict.fromkeys(e for s in lr.stages for e in s.required_experts()))
-    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1), frac,
-                           ecfg.max_samples)
+    store_log = StoreReadLog(skip_damaged=cfg.dataset.skip_damaged)
+    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1, log=store_log),
+                           frac, ecfg.max_samples)
 
     def scored(stage, render):
         collate = Collator(render, model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens)
@@ -225,6 +227,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         "retrieval": None,
         "routing": None,
         "notes": [],
+        "store": store_log.to_dict(),
     }
     for stage in lr.stages:
         if isinstance(stage, MainStage):
@@ -289,7 +292,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             "they say nothing about the method's quality"
         )
     run_dir = Path(ecfg.run)
-    (run_dir / EVAL_JSON).write_text(json.dumps(out, indent=2))
+    (run_dir / EVAL_JSON).write_text(dumps_strict(out))
     (run_dir / EVAL_MD).write_text(eval_markdown(out))
     return out
 

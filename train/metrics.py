@@ -9,9 +9,26 @@ Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every inf/NaN float replaced by None: strict JSON readers reject bare ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, indent: int | None = 2) -> str:
+    """JSON text with no bare NaN/Infinity (they become null)."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
 
 
 class Metrics:
@@ -35,7 +52,7 @@ class Metrics:
             return
         row = {"time": round(time.time(), 3), **row}
         assert self._f is not None
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(dumps_strict(row, indent=None) + "\n")
         if self._tb is not None:
             step = int(row.get("global_step", row.get("step", 0)))
             prefix = f"{row.get('kind', 'train')}/{row.get('stage', '')}"

@@ -133,6 +133,12 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         results = trainer.fit(resume)
     finally:
         metrics.close()
+    from astrea.train.distributed import all_sum
+    from astrea.train.metrics import dumps_strict
+
+    store = trainer.store_log.to_dict()
+    # ranks read disjoint units: the run skipped the sum of what each rank skipped
+    store["damaged_rows_skipped"] = int(all_sum([store["damaged_rows_skipped"]], device, dist.world_size)[0])
     summary = {
         "run": str(run_dir),
         "llm": {"source": llm.source, "random_weights": llm.random_weights, "hidden_size": llm.hidden_size},
@@ -146,9 +152,10 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
              "data_wait_fraction": r.data_wait_s / r.seconds if r.seconds else None}
             for r in results
         ],
+        "store": store,
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(dumps_strict(summary))
     return summary
 
 

@@ -120,6 +120,15 @@ def format_summary(summary: dict) -> str:
             f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(s['heldout_after'], '.4f'):>9}"
             f"{f(s['samples_per_s'], '.1f'):>11}{f(s['data_wait_fraction'], '.1%'):>11}"
         )
+    store = summary.get("store") or {}
+    if store.get("damaged_rows_skipped"):
+        lines.append(f"store: {store['damaged_rows_skipped']} damaged row(s) skipped (dataset.skip_damaged): "
+                     + "; ".join(store.get("damaged", [])[:3]) + (" ..." if store["damaged_rows_skipped"] > 3 else ""))
+    if store.get("units_not_joined"):
+        nj = store["units_not_joined"]
+        shown = "; ".join(f"{u} ({', '.join(f'{e}: {why}' for e, why in v.items())})" for u, v in list(nj.items())[:3])
+        lines.append(f"store: {len(nj)} unit(s) not read (not committed for every expert): {shown}"
+                     + (" ..." if len(nj) > 3 else ""))
     drops = summary.get("target_render_drops") or {}
     if drops:
         lines.append("expert outputs dropped from targets: " + ", ".join(f"{k} x{v}" for k, v in drops.items()))
