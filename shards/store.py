@@ -29,6 +29,7 @@ from astrea.registry import UnknownNameError
 from astrea.schemas.expert_spec import ExpertSpec, SpecError
 from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION, check_row
 from astrea.shards import fsutil
+from astrea.shards.fsutil import TMP_MARK
 from astrea.shards.dtypes import from_storage, nonfinite_in_storage
 from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import get_format
@@ -151,48 +152,116 @@ class ExpertDir:
     def temp_files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if fsutil.parse_temp(p.name) is not None)
 
-    def cleanup_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
-        """Remove what crashed writers left: temp files whose writer is gone, and data or index files of
-        units that never got their stats file. Returns how many paths were removed.
+    def unit_lock(self, unit: str) -> fsutil.UnitLock:
+        return fsutil.UnitLock(fsutil.lock_path(self.path, unit))
 
-        A temp of a live writer on this host is kept; one from another host is removed only when older
-        than ``stale_after_s`` (its process cannot be checked from here).
+    def cleanup_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
+        """Remove what crashed writers left: temp files whose writer is gone, data or index files of
+        units that never got their stats file, and stale lock files; quarantine units whose stats file
+        is there but whose data or index is gone (see ``quarantine``), so a rerun writes them again.
+        Returns how many paths were removed or moved.
+
+        A unit whose lock a live writer holds (``open_unit`` to the end of ``commit``) is never touched,
+        whatever its files look like: between its data rename and its stats file it has no stats yet.
+        Temp files are also kept while their pid is alive on this host, and, from another host (its
+        process cannot be checked from here), until older than ``stale_after_s``.
         """
         removed = 0
-        busy: set[str] = set()
+        temps: dict[str, list[Path]] = {}
         for p in self.temp_files():
             t = fsutil.parse_temp(p.name)
             assert t is not None
-            alive = t.owner_alive()
-            if alive is None:
-                alive = (time.time() - p.lstat().st_mtime) < stale_after_s
-            if alive:  # a live writer (this process's included): its unit is off limits
-                busy.add(t.unit)
+            temps.setdefault(t.unit, []).append(p)
+        locks = {p.name[1:-len(fsutil.LOCK_SUFFIX)] for p in self.path.iterdir()
+                 if p.name.startswith(".") and p.name.endswith(fsutil.LOCK_SUFFIX) and TMP_MARK not in p.name}
+        for u in sorted(set(temps) | set(self.units()) | locks):
+            if u not in temps and u not in locks and self.is_committed(u):
                 continue
-            fsutil.remove(p)
-            removed += 1
-        for u in self.units():
-            if u in busy or self.stats_path(u).exists():
-                continue
-            for p in (self.data_path(u), self.index_path(u)):
-                if p.exists():
-                    fsutil.remove(p)
-                    removed += 1
+            lock = self.unit_lock(u)
+            if not lock.acquire():
+                continue  # a live writer owns it
+            try:
+                for p in temps.get(u, []):
+                    t = fsutil.parse_temp(p.name)
+                    alive = t.owner_alive() if t is not None else None
+                    if alive is None:
+                        alive = (time.time() - p.lstat().st_mtime) < stale_after_s
+                    if not alive:
+                        fsutil.remove(p)
+                        removed += 1
+                if self.is_committed(u):
+                    pass
+                elif self.stats_path(u).exists():
+                    removed += self._quarantine_locked(u, "stats file present, data or index gone (found by cleanup)")
+                else:
+                    for p in (self.data_path(u), self.index_path(u)):
+                        if p.exists():
+                            fsutil.remove(p)
+                            removed += 1
+            finally:
+                lock.release()  # also removes a crashed writer's lock file
         if removed:
             fsutil.fsync_path(self.path)
         return removed
 
-    def open_unit(self, unit: str) -> UnitWriter:
-        """A writer for ``unit`` in this expert's format. Refuses a committed unit or one being written."""
+    QUARANTINE = ".quarantine"
+
+    def quarantine(self, unit: str, why: str) -> Path | None:
+        """Move a unit's stats, index and data aside to ``.quarantine/UNIT-<time>-<pid>/`` (with ``why.txt``),
+        so the unit is no longer committed and the next extraction writes it again; nothing is deleted.
+        Returns that folder; None when a live writer holds the unit (left alone) or it has no files."""
         _check_name("unit", unit)
-        if self.is_committed(unit):
-            raise UnitCommittedError(f"{self.stats_path(unit)}: unit {unit} is already committed; committed "
-                                     "units are immutable (delete the unit's files by hand to redo it)")
-        for p in self.temp_files():
-            t = fsutil.parse_temp(p.name)
-            if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
-                raise UnitBusyError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
-        return get_format(self.spec.format).writer(self, unit)
+        with self.unit_lock(unit) as lock:
+            if not lock.acquire():
+                return None
+            return self._quarantine_dir(unit, why)
+
+    def _quarantine_locked(self, unit: str, why: str) -> int:
+        q = self._quarantine_dir(unit, why)
+        return sum(1 for p in q.iterdir() if p.name != "why.txt") if q is not None else 0
+
+    def _quarantine_dir(self, unit: str, why: str) -> Path | None:
+        parts = [p for p in (self.stats_path(unit), self.index_path(unit), self.data_path(unit)) if p.exists()]
+        if not parts:
+            return None
+        q = self.path / self.QUARANTINE / f"{unit}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        n = 1
+        while q.exists():
+            q, n = q.with_name(f"{q.name.rsplit('~', 1)[0]}~{n}"), n + 1
+        q.mkdir(parents=True)
+        (q / "why.txt").write_text(why.rstrip() + "\n")
+        for p in parts:  # stats first: from its rename on, no reader takes the unit for committed
+            os.rename(p, q / p.name)
+        fsutil.fsync_path(q)
+        fsutil.fsync_path(self.path)
+        return q
+
+    def open_unit(self, unit: str) -> UnitWriter:
+        """A writer for ``unit`` in this expert's format. Refuses a committed unit or one being written.
+
+        The writer holds the unit's lock until its commit ends (or it aborts). A unit left with a stats
+        file but without its data or index is quarantined first, so that it can be written again."""
+        _check_name("unit", unit)
+        lock = self.unit_lock(unit)
+        if not lock.acquire():
+            raise UnitBusyError(f"{lock.path}: unit {unit} is being written by {_lock_owner(lock.path)}; "
+                                "one writer per unit")
+        try:
+            if self.is_committed(unit):
+                raise UnitCommittedError(f"{self.stats_path(unit)}: unit {unit} is already committed; committed "
+                                         "units are immutable (delete the unit's files by hand to redo it)")
+            for p in self.temp_files():
+                t = fsutil.parse_temp(p.name)
+                if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
+                    raise UnitBusyError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
+            if self.stats_path(unit).exists():
+                self._quarantine_dir(unit, "stats file present, data or index gone (found when opening the unit)")
+            w = get_format(self.spec.format).writer(self, unit)
+        except BaseException:
+            lock.release()
+            raise
+        w._lock = lock
+        return w
 
     # -- reading ----------------------------------------------------------------------------------
     def _require_committed(self, unit: str) -> None:
@@ -345,6 +414,14 @@ class ExpertDir:
             t, p, out = stored
             yield Record(row["key"], STATUS_OK, from_storage(t, dtype), from_storage(p, dtype), json.loads(out),
                          row["caption"], labels, None, unit, row["index"])
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        host, pid = path.read_text().split()
+        return f"process {pid} (host {host})"
+    except (OSError, ValueError):
+        return "another live process"
 
 
 def _describe(e: BaseException) -> str:

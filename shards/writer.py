@@ -10,6 +10,10 @@ everything that makes a unit trustworthy lives here, once:
 
 A crash anywhere leaves no stats file, so readers ignore the unit and the next run's
 ``ExpertDir.cleanup_temp`` removes the leftovers. A committed unit is never overwritten.
+
+The writer holds the unit's lock (``fsutil.UnitLock``, taken by ``ExpertDir.open_unit``) from its
+opening to the end of ``commit`` or ``abort``: cleanup and repair of other processes leave a locked unit
+alone, so the window between the data rename and the stats file is never mistaken for a crash.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class UnitWriter(ABC):
         self._n_ok = 0
         self._nonfinite = 0
         self._closed = False
+        self._lock: fsutil.UnitLock | None = None  # set by ExpertDir.open_unit; released when done
         self._open(self.tmp)
 
     @classmethod
@@ -136,6 +141,12 @@ class UnitWriter(ABC):
 
     def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make the unit visible, durably and atomically. Returns the stats written."""
+        try:
+            return self._commit(extra)
+        finally:  # the unit is committed or this writer's work is gone: either way no longer owned
+            self._release()
+
+    def _commit(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         self._check_open()
         edir = self.edir
         if edir.is_committed(self.unit):
@@ -186,6 +197,11 @@ class UnitWriter(ABC):
         fsutil.write_atomic(edir.stats_path(self.unit), text)
         return stats
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def abort(self) -> None:
         """Drop everything written so far. Safe to call twice, and after a failed commit."""
         if not self._closed:
@@ -196,6 +212,7 @@ class UnitWriter(ABC):
             self._closed = True
         fsutil.remove(self.tmp)
         self._rows = []
+        self._release()
 
     def __enter__(self) -> UnitWriter:
         return self
