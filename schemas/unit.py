@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,15 @@ def check_row(checksum: str | None, tokens_stored: np.ndarray, pooled_stored: np
     if not checksum:
         return False
     return row_checksum(tokens_stored, pooled_stored, outputs_json, checksum_algo(checksum)) == checksum
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{8,}")
+
+
+def stable_reason(reason: str) -> str:
+    """A failure reason without what changes from run to run: object addresses (PIL names the
+    ``<_io.BytesIO object at 0x7f...>`` it could not identify), so identical runs write identical indexes."""
+    return _ADDRESS.sub(lambda m: "" if m.group(0).startswith(" at ") else "0x...", reason)
 
 
 def failure_kind(reason: str) -> str:

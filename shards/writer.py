@@ -40,6 +40,7 @@ from astrea.schemas.unit import (
     failure_kind,
     outputs_to_json,
     row_checksum,
+    stable_reason,
 )
 from astrea.shards import fsutil
 from astrea.shards.dtypes import nonfinite_in_storage, to_storage
@@ -135,7 +136,7 @@ class UnitWriter(ABC):
         self._new_key(key)
         self._keys.add(key)
         self._rows.append({
-            "key": key, "status": STATUS_FAILED, "error": str(reason) or "unknown", "caption": caption,
+            "key": key, "status": STATUS_FAILED, "error": stable_reason(str(reason)) or "unknown", "caption": caption,
             "labels": _labels(labels), "index": None, "tokens_shape": None, "pooled_shape": None, "checksum": None,
         })
 

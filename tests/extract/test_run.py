@@ -589,3 +589,28 @@ def test_missing_and_damaged_units_are_rewritten_by_a_rerun_with_another_batch_s
     res = CliRunner().invoke(app, ["shards", "verify", str(store)])
     assert res.exit_code == 0 and res.output.startswith("OK:"), res.output
     assert {u: [r.key for r in edir.iter_unit(u)] for u in before} == before
+
+
+def test_failure_reasons_are_deterministic_identical_runs_write_identical_indexes(tmp_path, ray_cluster):
+    """Issue 14, item 6: a shard of bad members extracted twice gives byte-identical index parquets
+    (reasons used to embed object addresses: PIL's ``cannot identify image file <_io.BytesIO object at 0x...>``)."""
+    from astrea.shards import Store
+
+    src = tmp_path / "bad"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    good, _ = _image_bytes(rng, 0)
+    members = [("000000000.jpg", good), ("000000001.jpg", b"plain text, not an image" * 8),
+               ("000000002.png", b"\x89PNG\r\n\x1a\n" + bytes(40)), ("000000003.jpg", good[: len(good) // 4]),
+               ("000000004.jpg", b"GIF89a" + bytes(30))]
+    _write_shard(src, "00000", members, [(m.split(".")[0], None) for m, _ in members])
+    indexes = []
+    for i in range(2):
+        store = tmp_path / f"store{i}"
+        run(_cfg(src, store, ["siglip"]))
+        (edir,) = Store(store).experts(Store(store).datasets()[0])
+        indexes.append(edir.index_path("00000").read_bytes())
+        errors = [r.error for r in edir.iter_unit("00000") if r.error]
+        assert len(errors) == 4 and any("UnidentifiedImageError" in e for e in errors), errors
+        assert not [e for e in errors if "0x" in e], errors
+    assert indexes[0] == indexes[1]
