@@ -435,6 +435,25 @@ class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
 
+    def check_writable(self, flag: str = "--store") -> None:
+        """Before any work: the root is (or can be made) a directory this process can create files in.
+        One StoreError naming the path otherwise (a file, a read-only filesystem, no permission)."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{flag} {root}: is a file, not a directory; point {flag} at a directory "
+                             "(created when missing)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = fsutil.temp_path(root / ".write-probe")
+            with open(probe, "xb"):
+                pass
+            probe.unlink()
+        except OSError as e:
+            where = e.filename or root
+            raise StoreError(f"{flag} {root}: cannot write there ({e.strerror or type(e).__name__}: {where}); "
+                             f"the store must be writable: fix its permissions or mount, or point {flag} "
+                             "elsewhere") from None
+
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
