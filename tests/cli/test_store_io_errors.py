@@ -45,14 +45,14 @@ def readonly_dir(tmp_path):
     (src / "store").mkdir()
     ok = subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode == 0
     if ok and subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         ok = False
     if not ok:
         pytest.skip("cannot make a read-only bind mount here (needs root with mount rights)")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_empty_source_folder_is_one_line_exit_2(tmp_path):

@@ -614,3 +614,36 @@ def test_failure_reasons_are_deterministic_identical_runs_write_identical_indexe
         assert len(errors) == 4 and any("UnidentifiedImageError" in e for e in errors), errors
         assert not [e for e in errors if "0x" in e], errors
     assert indexes[0] == indexes[1]
+
+
+def test_store_turning_read_only_mid_job_keeps_the_summary(tmp_path, source_dir, ray_cluster, monkeypatch):
+    """Issue 14, item 7: the store's filesystem goes read-only after the units are written: the job
+    still prints its summary, names what it could not write (the report), and exits 1, no traceback."""
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+    import importlib
+
+    run_mod = importlib.import_module("astrea.extract.run")
+
+    src, mnt = tmp_path / "disk", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root with mount rights)")
+    real = run_mod.ExpertJob._stream
+
+    def stream_then_read_only(self, *a, **kw):  # the disk fails right after the last unit is committed
+        real(self, *a, **kw)
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode == 0
+
+    monkeypatch.setattr(run_mod.ExpertJob, "_stream", stream_then_read_only)
+    try:
+        res = CliRunner().invoke(app, ["extract", "--expert", "siglip", "--data", str(source_dir), "--store",
+                                       str(mnt / "store"), "--small", "--weights", "random", "--shards", "00000",
+                                       "--batch-size", str(BATCH), "--no-progress"])
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "units: 1 committed" in res.output, res.output
+    assert "STORE ERROR: extract_report.json not written: Read-only file system" in res.output, res.output
