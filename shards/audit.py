@@ -238,4 +238,7 @@ def verify(store: Store, dataset: str | None = None, expert: str | None = None, 
                     rep.quarantined.append(str(q))
             found.extend(probs)
         rep.problems.extend(found)
+    if rep.experts == 0:  # nothing checked is not "OK": a wrong path would pass silently
+        rep.problems.append(Problem("invalid", str(store.root), "no expert directory (DATASET/EXPERT@FINGERPRINT) "
+                                    "found: not an astrea store, or an empty one"))
     return rep

@@ -463,6 +463,7 @@ class Store:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _dataset_dir(self, dataset: str) -> Path:
+        _check_name("dataset", dataset)  # "../x" would look outside the store
         d = self.root / dataset
         if not d.is_dir():
             if not self.root.is_dir():
@@ -502,8 +503,11 @@ class Store:
         return ExpertDir.open(path, expect=spec)
 
     def resolve(self, dataset: str, ref: str) -> ExpertDir:
-        """``"sam2"`` (the only sam2 directory) or ``"sam2@FINGERPRINT"`` (a prefix is enough) -> ExpertDir."""
-        paths = self.expert_dirs(dataset)
+        """``"sam2"`` (the only sam2 directory) or ``"sam2@FINGERPRINT"`` (a prefix is enough) -> ExpertDir.
+
+        Directories without an ``expert.json`` (a stray ``x@y`` folder, a writer that died before its spec)
+        are not expert directories and do not count."""
+        paths = [p for p in self.expert_dirs(dataset) if (p / SPEC_FILE).is_file()]
         name, _, fp = ref.partition("@")
         by_name = [p for p in paths if p.name.split("@", 1)[0] == name]
         if not by_name:

@@ -159,6 +159,12 @@ class TrainConfig:
                 raise TrainError(f"config field {name}={_get(self, name)!r}: {fix}")
         if len(set(self.stages)) != len(self.stages):
             raise TrainError(f"config field stages={self.stages}: a stage is listed twice")
+        out, store = Path(self.out).expanduser().resolve(), Path(self.store).expanduser().resolve()
+        if out == store or out.is_relative_to(store):
+            # A run directory inside the store would be listed as a dataset (and its checkpoints
+            # walked by `astrea shards`); runs and features live apart.
+            raise TrainError(f"config field out={self.out!r} is inside the feature store {self.store}; "
+                             "put the run directory elsewhere (--out RUN outside --from-shards)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
