@@ -29,7 +29,6 @@ from astrea.registry import UnknownNameError
 from astrea.schemas.expert_spec import ExpertSpec, SpecError
 from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION, check_row
 from astrea.shards import fsutil
-from astrea.shards.fsutil import TMP_MARK
 from astrea.shards.dtypes import from_storage, nonfinite_in_storage
 from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import get_format
@@ -173,7 +172,7 @@ class ExpertDir:
             assert t is not None
             temps.setdefault(t.unit, []).append(p)
         locks = {p.name[1:-len(fsutil.LOCK_SUFFIX)] for p in self.path.iterdir()
-                 if p.name.startswith(".") and p.name.endswith(fsutil.LOCK_SUFFIX) and TMP_MARK not in p.name}
+                 if p.name.startswith(".") and p.name.endswith(fsutil.LOCK_SUFFIX) and fsutil.TMP_MARK not in p.name}
         for u in sorted(set(temps) | set(self.units()) | locks):
             if u not in temps and u not in locks and self.is_committed(u):
                 continue
@@ -181,15 +180,18 @@ class ExpertDir:
             if not lock.acquire():
                 continue  # a live writer owns it
             try:
+                live_temp = False  # a writer the lock cannot see (another host over NFS): hands off
                 for p in temps.get(u, []):
                     t = fsutil.parse_temp(p.name)
                     alive = t.owner_alive() if t is not None else None
                     if alive is None:
                         alive = (time.time() - p.lstat().st_mtime) < stale_after_s
-                    if not alive:
-                        fsutil.remove(p)
-                        removed += 1
-                if self.is_committed(u):
+                    if alive:
+                        live_temp = True
+                        continue
+                    fsutil.remove(p)
+                    removed += 1
+                if live_temp or self.is_committed(u):
                     pass
                 elif self.stats_path(u).exists():
                     removed += self._quarantine_locked(u, "stats file present, data or index gone (found by cleanup)")

@@ -2,7 +2,9 @@
 
 ``RUN/metrics.jsonl`` rows: ``{"kind": "train", "stage", "step", "global_step", "loss", "loss_reg",
 "lr", "tokens_per_s", "samples_per_s", "data_wait", ...}`` and ``{"kind": "heldout", "stage", "step",
-"loss_reg", "samples"}``. A resumed run appends; readers keep the last row per (kind, stage, step).
+"loss_reg", "samples"}``. A resumed run first drops the rows the killed run logged after its checkpoint
+(``trim_metrics``), then appends: each (kind, stage, step) is in the file once. Non-finite numbers are
+written as ``null`` (strict JSON).
 Only rank 0 writes.
 """
 
@@ -87,6 +89,31 @@ class Metrics:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def trim_metrics(path: str | Path, global_step: int, stage: str) -> int:
+    """Before a resume from the checkpoint at ``global_step`` (in ``stage``): drop the rows the killed run
+    logged after it (and a line cut mid-write), which the resumed run logs again. Returns rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        g = r.get("global_step")
+        if isinstance(g, int) and (g > global_step or (g == global_step and r.get("stage") != stage)):
+            dropped += 1  # after the checkpoint, or the next stage's held-out-before at the same step
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)
+    return dropped
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
