@@ -438,26 +438,37 @@ class Store:
         self.root = Path(root).expanduser()
 
     def check_writable(self, flag: str = "--store") -> None:
-        """Before any work: the root is (or can be made) a directory this process can create files in.
-        One StoreError naming the path otherwise (a file, a read-only filesystem, no permission)."""
+        """Before any work: the root is a directory this process can create files in, or can be created.
+        One StoreError naming the path otherwise (a file, a read-only filesystem, no permission). Creates
+        nothing: a job that fails later for another reason leaves no empty store behind."""
+        import errno
+
         root = self.root
         if root.exists() and not root.is_dir():
             raise StoreError(f"{flag} {root}: is a file, not a directory; point {flag} at a directory "
                              "(created when missing)")
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = fsutil.temp_path(root / ".write-probe")
-            with open(probe, "xb"):
-                pass
-            probe.unlink()
+            if root.is_dir():
+                probe = fsutil.temp_path(root / ".write-probe")
+                with open(probe, "xb"):
+                    pass
+                probe.unlink()
+                return
+            parent = root.parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            # access(2) reports a read-only filesystem (EROFS) even to root, without writing anything
+            if not os.access(parent, os.W_OK | os.X_OK):
+                ro = os.statvfs(parent).f_flag & os.ST_RDONLY
+                code = errno.EROFS if ro else errno.EACCES
+                raise OSError(code, os.strerror(code), str(parent))
         except OSError as e:
             where = e.filename or root
             raise StoreError(f"{flag} {root}: cannot write there ({e.strerror or type(e).__name__}: {where}); "
                              f"the store must be writable: fix its permissions or mount, or point {flag} "
                              "elsewhere") from None
-
-    def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
 
     def datasets(self) -> list[str]:
         if not self.root.is_dir():

@@ -67,9 +67,21 @@ def test_store_that_is_a_file_is_one_line_exit_2(tmp_path, images):
     assert "is a file, not a directory" in line and "--store" in line
 
 
-def test_read_only_store_is_one_line_exit_2_before_any_work(readonly_dir, images):
-    line = _one_error_line(_extract(images, readonly_dir / "store"))
+@pytest.mark.parametrize("sub", ["store", "new/store"])  # an existing store, one it would have to create
+def test_read_only_store_is_one_line_exit_2_before_any_work(readonly_dir, images, sub):
+    line = _one_error_line(_extract(images, readonly_dir / sub))
     assert "cannot write there" in line and "Read-only file system" in line
+
+
+def test_the_store_check_creates_nothing(tmp_path):
+    # a job refused after the check (a missing prerequisite, say) leaves no empty store behind
+    from astrea.shards import Store
+
+    Store(tmp_path / "a" / "store").check_writable()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "s").mkdir()
+    Store(tmp_path / "s").check_writable()  # an existing store is probed with a temp file, removed
+    assert list((tmp_path / "s").iterdir()) == []
 
 
 def test_train_out_on_a_read_only_filesystem_is_one_line_exit_2(readonly_dir, tmp_path):
