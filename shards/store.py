@@ -428,6 +428,7 @@ def _lock_owner(path: Path) -> str:
 
 def _describe(e: BaseException) -> str:
     detail = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+    detail = " ".join(detail.split())[:300]  # one line: the reason ends up in a one-line error
     return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
