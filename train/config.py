@@ -52,6 +52,12 @@ class LLMConfig:
     intermediate_size: int = 128
     max_positions: int = 2048
     seed: int = 0
+    # tiny-random only: text-only warm-up on the training split's target texts before the first stage
+    # (astrea.train.text_warmup); 0 keeps the LLM random. A hub/local LLM is never warmed up.
+    text_warmup_steps: int = 400
+    text_warmup_lr: float = 3e-3
+    text_warmup_batch: int = 16
+    text_warmup_texts: int = 4096  # distinct (prompt, target) pairs read at most
 
 
 @dataclass
@@ -86,10 +92,18 @@ class DataConfig:
     heldout_fraction: float = 0.05  # deterministic hash of the key: same split in every run
     heldout_max: int = 64  # held-out samples scored per evaluation
     shuffle: bool = True
-    max_text_tokens: int = 384  # prompt + target; longer targets are truncated and counted
+    max_text_tokens: int = 384  # prompt + target + EOS; see fit_targets, then cut and counted
     max_objects: int = 8  # boxes / masks rendered per image
-    box_decimals: int = 2
-    polygon_points: int = 8
+    # box/mask text (train/targets.py): "compact" = 0..99 integer bins, masks as box + hex occupancy
+    # grid; "decimal" = the pre-issue-13 text (2-decimal boxes, convex-hull polygons)
+    target_format: str = "compact"
+    mask_grid: int = 4  # compact masks: g x g cells over the mask's box (g * ceil(g/4) hex digits)
+    box_decimals: int = 2  # decimal format only
+    polygon_points: int = 8  # decimal format only
+    # drop whole items (lowest-ranked objects/tags of the longest line) until the target fits, instead
+    # of cutting it mid-line; both are counted (summary, eval)
+    fit_targets: bool = True
+    target_check: int = 64  # training targets scanned per rank at each stage start; a warning says what is lost
     prefetch: int = 2  # batches read ahead by a background thread (0: read inline)
     # A row whose bytes fail their checksum (or hold inf/NaN) stops the run; true skips and counts it.
     skip_damaged: bool = False
@@ -138,6 +152,7 @@ class TrainConfig:
             check_choice("residual.reading", self.residual.reading, ("skip", "attn"))
             check_choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
             check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
+            check_choice("dataset.target_format", self.dataset.target_format, ("compact", "decimal"))
         except ValueError as e:
             raise TrainError(str(e)) from None
         checks = [
@@ -152,7 +167,14 @@ class TrainConfig:
             ("optim.warmup", 0.0 <= self.optim.warmup < 1.0, "must be in [0, 1)"),
             ("residual.p", 0.0 <= self.residual.p <= 1.0, "must be in [0, 1]"),
             ("dataset.heldout_fraction", 0.0 <= self.dataset.heldout_fraction < 1.0, "must be in [0, 1)"),
+            ("dataset.mask_grid", 1 <= self.dataset.mask_grid <= 16, "must be in 1..16"),
+            ("dataset.max_text_tokens", self.dataset.max_text_tokens >= 2, "must be >= 2"),
+            ("dataset.target_check", self.dataset.target_check >= 0, "must be >= 0"),
             ("workers", self.workers >= 1, "must be >= 1"),
+            ("llm.text_warmup_steps", self.llm.text_warmup_steps >= 0, "must be >= 0 (0: no warm-up)"),
+            ("llm.text_warmup_lr", self.llm.text_warmup_lr > 0, "must be > 0"),
+            ("llm.text_warmup_batch", self.llm.text_warmup_batch >= 1, "must be >= 1"),
+            ("llm.text_warmup_texts", self.llm.text_warmup_texts >= 1, "must be >= 1"),
         ]
         for name, ok, fix in checks:
             if not ok:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,12 +101,70 @@ class Position:
 
 
 class Collator:
-    """Records -> a batch dict (see ``astrea.train.stages`` for its keys). Skipped records are counted."""
+    """Records -> a batch dict (see ``astrea.train.stages`` for its keys). Skipped records are counted.
 
-    def __init__(self, render: Callable[[dict[str, Any]], Any], tokenizer: Any, experts: list[str], max_text_tokens: int):
+    A target that does not fit ``max_text_tokens`` (prompt + target + EOS) first drops whole items
+    (``Rendered.fit``; ``fit_targets=False``: never); what is still too long is cut. Nothing is lost
+    silently: ``dropped_items[task]`` counts the items dropped to fit, ``cut_tasks[task]`` the targets
+    whose ``task`` line lost content to the cut, ``truncated`` the targets cut at all.
+    """
+
+    def __init__(
+        self, render: Callable[[dict[str, Any]], Any], tokenizer: Any, experts: list[str], max_text_tokens: int,
+        *, fit_targets: bool = True,
+    ):
         self.render, self.tok, self.experts, self.max_len = render, tokenizer, list(experts), max_text_tokens
+        self.fit_targets = fit_targets
         self.skipped = 0  # records with no usable target or a missing expert
         self.truncated = 0  # targets cut at max_text_tokens
+        self.targets = 0  # targets encoded
+        self.fitted = 0  # targets that dropped items to fit
+        self.dropped_items: Counter = Counter()  # task -> items dropped to fit
+        self.cut_tasks: Counter = Counter()  # task -> targets whose task line was cut
+        self.task_targets: Counter = Counter()  # task -> targets holding a line of that task
+
+    def counts(self) -> dict[str, Any]:
+        """What happened to the targets encoded so far (the run's summary and eval report these)."""
+        from astrea.train.templates import TASKS
+
+        def ordered(c: Counter) -> dict[str, int]:  # task order, whatever order things happened in
+            return {t: c[t] for t in sorted(c, key=lambda t: (TASKS.index(t) if t in TASKS else len(TASKS), t))}
+
+        return {
+            "targets": self.targets,
+            "truncated_targets": self.truncated,
+            "fitted_targets": self.fitted,
+            "dropped_items": ordered(self.dropped_items),
+            "cut_tasks": ordered(self.cut_tasks),
+            "task_targets": ordered(self.task_targets),
+        }
+
+    def n_tokens(self, text: str) -> int:
+        return len(self.tok(text, add_special_tokens=False).input_ids)
+
+    def encode(self, r: Any) -> tuple[list[int], list[int], Any]:
+        """Prompt ids (BOS first), target ids (EOS last) and the fitted rendering of a rendered sample,
+        at most ``max_text_tokens`` in all; updates the counters."""
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        p = bos + self.tok(r.prompt, add_special_tokens=False).input_ids
+        room = max(self.max_len - len(p), 1)  # target + EOS
+        lines = getattr(r, "lines", None) or []
+        if self.fit_targets and lines:
+            r, dropped = r.fit(self.n_tokens, room - 1)
+            if dropped:
+                self.fitted += 1
+                self.dropped_items.update(dropped)
+        self.targets += 1
+        self.task_targets.update(t for t, _ in lines)
+        t = self.tok(r.target, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+        if len(t) > room:
+            t = t[:room]
+            self.truncated += 1
+            if lines:
+                for task, _, end in r.line_spans():
+                    if self.n_tokens(r.target[:end]) > room:
+                        self.cut_tasks[task] += 1
+        return p, t, r
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any] | None:
         rows = []
@@ -122,14 +181,9 @@ class Collator:
         if not rows:
             return None
         ids, labels = [], []
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        for _, r in rows:
-            p = bos + self.tok(r.prompt, add_special_tokens=False).input_ids
-            t = self.tok(r.target, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
-            room = max(self.max_len - len(p), 1)
-            if len(t) > room:
-                t = t[:room]
-                self.truncated += 1
+        for i, (rec, r) in enumerate(rows):
+            p, t, r = self.encode(r)
+            rows[i] = (rec, r)  # the fitted text: the batch's ``targets`` are what carries loss
             ids.append(p + t)
             labels.append([IGNORE] * len(p) + t)
         n = max(len(x) for x in ids)
@@ -187,6 +241,45 @@ def batches(
                 "use more data, fewer ranks, or a smaller dataset.heldout_fraction"
             )
         epoch, skip = epoch + 1, 0
+
+
+def scan_targets(
+    open_epoch: OpenEpoch, collate: Collator, *, heldout_fraction: float, max_samples: int
+) -> dict[str, Any]:
+    """Counts (``Collator.counts``) over the first ``max_samples`` training (not held-out) records of an
+    unshuffled pass, rendered and fitted as training will; ``collate``'s own counters are left alone."""
+    c = Collator(collate.render, collate.tok, collate.experts, collate.max_len, fit_targets=collate.fit_targets)
+    n = 0
+    if max_samples > 0:
+        for rec in open_epoch(0, False):
+            if is_heldout(rec["key"], heldout_fraction):
+                continue
+            n += 1
+            feats = rec.get("experts") or {}
+            r = c.render(rec) if all(e in feats for e in c.experts) else None
+            if r is not None:
+                c.encode(r)
+            if n >= max_samples:
+                break
+    return {"records": n, **c.counts()}
+
+
+def target_loss_message(stage: str, counts: dict[str, Any], max_text_tokens: int) -> str | None:
+    """A one-line warning when targets lose content to ``max_text_tokens`` (None when nothing is lost)."""
+    cut, dropped = counts.get("cut_tasks") or {}, counts.get("dropped_items") or {}
+    if not cut and not dropped:
+        return None
+    n = counts.get("targets", 0)
+    parts = []
+    if cut:
+        parts.append("cut mid-line (content lost), targets per task: " + ", ".join(f"{t} {v}/{n}" for t, v in cut.items()))
+    if dropped:
+        parts.append(
+            f"{counts.get('fitted_targets', 0)}/{n} targets dropped whole items to fit, items per task: "
+            + ", ".join(f"{t} {v}" for t, v in dropped.items())
+        )
+    return (f"stage {stage}: {n} training targets checked against dataset.max_text_tokens={max_text_tokens}: "
+            + "; ".join(parts) + " (raise dataset.max_text_tokens or lower dataset.max_objects to keep them)")
 
 
 def heldout_batches(
@@ -255,3 +348,33 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded permutation with no fixed point (``out[i] != i`` for every i; identity for n < 2).
+
+    Built as one cycle through a shuffled order, so every sample gets another sample's features."""
+    if n < 2:
+        return list(range(n))
+    order = np.random.default_rng(seed).permutation(n)
+    out = [0] * n
+    for j in range(n):
+        out[int(order[j])] = int(order[(j + 1) % n])
+    return out
+
+
+def with_permuted_features(batches: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The same batches, each sample's expert features (tokens, pooled) replaced by another sample's.
+
+    The control that says whether the visual path is used: texts, targets and keys stay; only which
+    image's features precede them changes (a derangement over all samples of all batches, so a batch
+    of one is permuted too). A model that ignores the image scores the same on both."""
+    sizes = [len(b["keys"]) for b in batches]
+    perm = derangement(sum(sizes), seed)
+    out = [dict(b, tokens={}, pooled={}) for b in batches]
+    for field_ in ("tokens", "pooled"):
+        for e in (batches[0][field_] if batches else {}):
+            flat = torch.cat([b[field_][e] for b in batches])[perm]
+            for o, chunk in zip(out, flat.split(sizes), strict=True):
+                o[field_][e] = chunk
+    return out

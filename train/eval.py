@@ -7,7 +7,11 @@ Writes ``RUN/eval.json`` and ``RUN/eval.md``:
 - ``heldout.main[<task>]``: the main stage's held-out L_reg per task type (caption, tags, boxes, masks),
   every held-out image asked every task; ``heldout.main_mean`` weights tasks by their target tokens;
 - ``retrieval``: image->text and text->image R@1 / R@5 with the MoCo online embeddings over the held-out
-  images that have a caption (``gallery`` of them; chance is k / gallery);
+  images that have a caption (``gallery`` of them): any gallery item with the query's caption text is a
+  match, ``chance`` is the expected R@k of a random ranking with those ties; when captions repeat,
+  ``class_level`` ranks the unique captions (see :func:`retrieval_metrics`);
+- ``targets``: per stage (and ``main/<task>``) how many held-out targets were cut at
+  ``dataset.max_text_tokens`` per task and how many items were dropped to fit;
 - ``routing``: per-expert routing mass overall and per task type, mean router entropy (nats; the
   maximum is log k) and load balance (1 = even, n = all on one expert).
 
@@ -76,6 +80,11 @@ def load_run(run: str | Path, *, device: str = "auto", store: str = "", weights:
     if not cfg_path.is_file():
         raise TrainError(f"{run_dir} is not a training run (no config.yaml); give the --out directory of `astrea train`")
     cfg = TrainConfig.load(cfg_path)
+    from astrea.train.config import read_config_file
+
+    if "target_format" not in (read_config_file(cfg_path).get("dataset") or {}):
+        # a run from before issue 13 trained on the decimal text, cut at the limit: score it on that
+        cfg.dataset.target_format, cfg.dataset.fit_targets = "decimal", False
     if store:
         cfg.store = store
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
@@ -126,26 +135,83 @@ def _weights_file(run_dir: Path, stages: list[str], weights: str) -> Path:
 
 
 # -- metrics ----------------------------------------------------------------------------------------
-def recall_at_k(sim: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """R@k of the diagonal for a square similarity [N, N] (row i's match is column i).
+def recall_at_k(
+    sim: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5),
+    *,
+    query_groups: list[Any] | None = None,
+    gallery_groups: list[Any] | None = None,
+) -> dict[str, float]:
+    """R@k of queries (rows of ``sim`` [Q, G]) against a gallery (columns).
 
-    Ties count against the match (rank = number of columns scoring >= the match, minus one), so a
-    constant similarity gives chance-or-worse, never a perfect score."""
-    n = sim.shape[0]
-    diag = sim.diagonal()[:, None]
-    rank = (sim >= diag).sum(1) - 1  # 0 = the match is strictly first
-    return {f"R@{k}": float((rank < k).float().mean()) for k in ks if n > 0}
+    A query's matches are the gallery items of its group (``query_groups[i] == gallery_groups[j]``,
+    e.g. the same caption text); without groups, row i's only match is column i. The query is a hit at
+    k when fewer than k *non-matching* items score >= its best match: items with the same text are
+    never counted against it, while a score tie with a different text still counts against the match,
+    so a constant similarity gives chance-or-worse, never a perfect score."""
+    q, g = sim.shape
+    if q == 0:
+        return {}
+    if query_groups is None or gallery_groups is None:
+        match = torch.eye(q, g, dtype=torch.bool, device=sim.device)
+    else:
+        ids = {k: i for i, k in enumerate(dict.fromkeys([*query_groups, *gallery_groups]))}
+        qg = torch.tensor([ids[k] for k in query_groups], device=sim.device)
+        gg = torch.tensor([ids[k] for k in gallery_groups], device=sim.device)
+        match = qg[:, None] == gg[None, :]
+    best = sim.masked_fill(~match, -math.inf).max(1, keepdim=True).values
+    rank = ((sim >= best) & ~match).sum(1)  # 0 = a match is strictly first
+    rank = torch.where(match.any(1), rank, torch.full_like(rank, g))  # no match in the gallery: a miss
+    return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
 
 
-def retrieval_metrics(q_v: torch.Tensor, q_t: torch.Tensor) -> dict[str, Any]:
+def chance_at_k(matches: list[int], gallery: int, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Expected R@k of a random ranking when query i has ``matches[i]`` matching items among ``gallery``:
+    mean of 1 - C(gallery - m, k) / C(gallery, k) (k / gallery when every query has one match)."""
+    out = {}
+    for k in ks:
+        kk = min(k, gallery)
+        vals = [1.0 - math.comb(gallery - m, kk) / math.comb(gallery, kk) for m in matches]
+        out[f"R@{k}"] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+def retrieval_metrics(q_v: torch.Tensor, q_t: torch.Tensor, captions: list[str] | None = None) -> dict[str, Any]:
+    """Image<->text retrieval over paired embeddings (row i of ``q_v`` is the image of caption i).
+
+    With ``captions``, every gallery item carrying the query's caption text is a match (a repeated
+    caption is not a miss), the chance level accounts for those ties, and when captions repeat a
+    class-level R@k ranks the unique captions (image -> text: the C unique texts; text -> image: each
+    unique text against the C groups of images sharing a caption, a group scoring its best image)."""
     sim = q_v.float() @ q_t.float().t()
     n = sim.shape[0]
-    return {
+    groups = [" ".join(str(c).split()) for c in captions] if captions is not None else list(range(n))
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} captions for {n} image/text pairs")
+    sizes = {g: groups.count(g) for g in set(groups)}
+    out: dict[str, Any] = {
         "gallery": n,
-        "image_to_text": recall_at_k(sim),
-        "text_to_image": recall_at_k(sim.t()),
-        "chance": {"R@1": 1 / n if n else math.nan, "R@5": min(5, n) / n if n else math.nan},
+        "unique_captions": len(sizes),
+        "image_to_text": recall_at_k(sim, query_groups=groups, gallery_groups=groups),
+        "text_to_image": recall_at_k(sim.t(), query_groups=groups, gallery_groups=groups),
+        "chance": chance_at_k([sizes[g] for g in groups], n) if n else {"R@1": math.nan, "R@5": math.nan},
+        "class_level": None,
     }
+    if n and len(sizes) < n:
+        classes = list(dict.fromkeys(groups))
+        member = torch.tensor([[g == c for g in groups] for c in classes], dtype=torch.float32)  # [C, n]
+        # image -> unique texts: identical texts embed alike, so a class's score is its texts' mean
+        i2t = sim @ member.t() / member.sum(1)
+        # unique text -> groups of images: the text's row (mean over its copies), best image per group
+        rows = member @ sim.t() / member.sum(1, keepdim=True)  # [C, n images]
+        t2i = torch.stack([rows[:, member[c].bool()].max(1).values for c in range(len(classes))], dim=1)  # [C, C]
+        out["class_level"] = {
+            "classes": len(classes),
+            "image_to_text": recall_at_k(i2t, query_groups=groups, gallery_groups=classes),
+            "text_to_image": recall_at_k(t2i, query_groups=classes, gallery_groups=classes),
+            "chance": chance_at_k([1] * len(classes), len(classes)),
+        }
+    return out
 
 
 def heldout_records(open_epoch: Any, fraction: float, max_samples: int) -> list[dict[str, Any]]:
@@ -186,7 +252,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, StoreReadLog, store_opener
+    from astrea.train.data import Collator, StoreReadLog, store_opener, with_permuted_features
     from astrea.train.metrics import dumps_strict
     from astrea.train.main_stage import MainStage
     from astrea.train.moe import RoutingStats
@@ -205,8 +271,12 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1, log=store_log),
                            frac, ecfg.max_samples)
 
-    def scored(stage, render):
-        collate = Collator(render, model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens)
+    collators: dict[str, Collator] = {}
+
+    def scored(stage, render, name):
+        collate = Collator(render, model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens,
+                           fit_targets=cfg.dataset.fit_targets)
+        collators[name] = collate
         for i in range(0, len(held), ecfg.batch_size):
             b = collate(held[i : i + ecfg.batch_size])
             if b is not None:
@@ -224,21 +294,29 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         "experts_random_weights": lr.info.get("experts_random_weights", {}),
         "heldout_fraction": frac,
         "heldout": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
+        "heldout_permuted": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
         "retrieval": None,
         "routing": None,
+        # held-out targets against dataset.max_text_tokens, per stage (and main/<task>): targets cut
+        # per task (content lost) and whole items dropped to fit (data.Collator.counts)
+        "targets": {},
         "notes": [],
         "store": store_log.to_dict(),
     }
+    # The control beside every held-out number: the same texts, each image's features replaced by another
+    # held-out image's (a derangement). A model that ignores the image scores the same on both.
     for stage in lr.stages:
         if isinstance(stage, MainStage):
             continue
-        acc = _LossSum()
-        for b in scored(stage, stage.render):
-            b = _to_device(b, lr.device)
-            loss, n, _ = lreg(stage, b)
-            acc.add(loss, n, len(b["keys"]))
-        out["heldout"]["stages"][stage.name] = acc.value()
-        out["heldout"]["samples"][stage.name] = acc.samples
+        bs = list(scored(stage, stage.render, stage.name))
+        for part, batches_ in (("heldout", bs), ("heldout_permuted", with_permuted_features(bs, seed=cfg.seed))):
+            acc = _LossSum()
+            for b in batches_:
+                b = _to_device(b, lr.device)
+                loss, n, _ = lreg(stage, b)
+                acc.add(loss, n, len(b["keys"]))
+            out[part]["stages"][stage.name] = acc.value()
+            out[part]["samples"][stage.name] = acc.samples
 
     main = next((s for s in lr.stages if isinstance(s, MainStage)), None)
     if main is None:
@@ -246,12 +324,13 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     else:
         names = list(main.experts)
         per_task = {t: RoutingStats(len(names), main.mc.top_k) for t in main.mc.tasks}
-        total = _LossSum()
-        q_v, q_t = [], []
+        total, total_perm = _LossSum(), _LossSum()
+        q_v, q_t, caps = [], [], []
         moco = model.extras["moco"] if "moco" in model.extras else None
         for task in main.mc.tasks:
+            bs = list(scored(main, main.render_task(task), f"main/{task}"))
             acc = _LossSum()
-            for b in scored(main, main.render_task(task)):
+            for b in bs:
                 b = _to_device(b, lr.device)
                 loss, n, visual = lreg(main, b)
                 acc.add(loss, n, len(b["keys"]))
@@ -265,8 +344,18 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
                         v, t = moco.embed(visual.float().mean(1).index_select(0, idx), text)
                         q_v.append(v.cpu())
                         q_t.append(t.cpu())
+                        caps += [b["captions"][i] for i in rows]
             out["heldout"]["main"][task] = acc.value()
             out["heldout"]["samples"][f"main/{task}"] = acc.samples
+            acc = _LossSum()
+            for b in with_permuted_features(bs, seed=cfg.seed):
+                b = _to_device(b, lr.device)
+                loss, n, _ = lreg(main, b)
+                acc.add(loss, n, len(b["keys"]))
+                total_perm.add(loss, n, len(b["keys"]))
+            out["heldout_permuted"]["main"][task] = acc.value()
+            out["heldout_permuted"]["samples"][f"main/{task}"] = acc.samples
+        out["heldout_permuted"]["main_mean"] = total_perm.value()
         out["heldout"]["main_mean"] = total.value()
         overall = RoutingStats(len(names), main.mc.top_k)
         for st in per_task.values():
@@ -283,9 +372,19 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         if moco is None:
             out["notes"].append("trained with extras.no_moco: no MoCo embeddings, no retrieval metrics")
         elif q_v and sum(len(x) for x in q_v) >= 2:
-            out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t))
+            out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
         else:
             out["notes"].append("fewer than 2 held-out images with a caption: no retrieval metrics")
+    out["targets"] = {
+        "max_text_tokens": cfg.dataset.max_text_tokens, "format": cfg.dataset.target_format,
+        "fit_targets": cfg.dataset.fit_targets, "stages": {n: c.counts() for n, c in collators.items()},
+    }
+    lost = {n: c.cut_tasks for n, c in collators.items() if c.cut_tasks}
+    if lost:
+        out["notes"].append(
+            f"held-out targets cut at dataset.max_text_tokens={cfg.dataset.max_text_tokens} (content lost): "
+            + "; ".join(f"{n}: " + ", ".join(f"{t} {v}" for t, v in cut.items()) for n, cut in lost.items())
+        )
     if lr.info.get("llm", {}).get("random_weights") or any(out["experts_random_weights"].values()):
         out["notes"].append(
             "RANDOM WEIGHTS: the LLM and/or the experts had random weights; these numbers test the pipeline, "
@@ -302,29 +401,71 @@ def _f(v: Any, fmt: str = ".4f") -> str:
     return format(v, fmt) if isinstance(v, int | float) and not (isinstance(v, float) and math.isnan(v)) else "-"
 
 
+def _gain(true: Any, permuted: Any) -> float | None:
+    ok = all(isinstance(v, int | float) and math.isfinite(v) for v in (true, permuted))
+    return permuted - true if ok else None
+
+
 def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
     lines = [f"{heading} Evaluation of `{m['run']}`", ""]
     for note in m.get("notes", []):
         lines.append(f"> {note}")
     lines += ["", f"Weights: `{m['weights']}`; held-out fraction {m['heldout_fraction']}.", ""]
     h = m["heldout"]
+    hp = m.get("heldout_permuted") or {"stages": {}, "main": {}, "main_mean": None}
+    if h["stages"] or h["main"]:
+        lines += [
+            "Control: *permuted* scores the same held-out texts with each image's expert features replaced by "
+            "another held-out image's. The image gain (permuted - true, nats/token) is what the visual path "
+            "contributes; about 0 means the model does not use the image.", "",
+        ]
     if h["stages"]:
-        lines += [f"{heading}# Held-out L_reg per pre-alignment stage", "", "| stage | L_reg | images |", "|---|---:|---:|"]
-        lines += [f"| {s} | {_f(v)} | {h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
+        lines += [f"{heading}# Held-out L_reg per pre-alignment stage", "",
+                  "| stage | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {s} | {_f(v)} | {_f(hp['stages'].get(s))} | {_f(_gain(v, hp['stages'].get(s)))} | "
+                  f"{h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
         lines.append("")
     if h["main"]:
-        lines += [f"{heading}# Main stage: held-out L_reg per task type", "", "| task | L_reg | images |", "|---|---:|---:|"]
-        lines += [f"| {t} | {_f(v)} | {h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
-        lines += [f"| **all (token-weighted)** | {_f(h['main_mean'])} | |", ""]
+        lines += [f"{heading}# Main stage: held-out L_reg per task type", "",
+                  "| task | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {t} | {_f(v)} | {_f(hp['main'].get(t))} | {_f(_gain(v, hp['main'].get(t)))} | "
+                  f"{h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
+        lines += [f"| **all (token-weighted)** | {_f(h['main_mean'])} | {_f(hp.get('main_mean'))} | "
+                  f"{_f(_gain(h['main_mean'], hp.get('main_mean')))} | |", ""]
+    tg = m.get("targets") or {}
+    if tg.get("stages"):
+        lines += [
+            f"{heading}# Held-out targets vs max_text_tokens ({tg['max_text_tokens']}, {tg['format']} text)", "",
+            "| stage | targets | cut (content lost) per task | items dropped to fit per task |", "|---|---:|---|---|",
+        ]
+        for name, c in tg["stages"].items():
+            cut = ", ".join(f"{t} {v}" for t, v in c["cut_tasks"].items()) or "none"
+            dropped = ", ".join(f"{t} {v}" for t, v in c["dropped_items"].items()) or "none"
+            lines.append(f"| {name} | {c['targets']} | {cut} | {dropped} |")
+        lines.append("")
     r = m.get("retrieval")
     if r:
+        def row(name: str, d: dict[str, Any]) -> str:
+            return f"| {name} | {_f(d.get('R@1'), '.3f')} | {_f(d.get('R@5'), '.3f')} |"
+
+        uniq = r.get("unique_captions")
         lines += [
-            f"{heading}# Image-text retrieval (MoCo embeddings, gallery {r['gallery']})", "",
+            f"{heading}# Image-text retrieval (MoCo embeddings, gallery {r['gallery']}"
+            + (f", {uniq} unique captions" if uniq is not None else "") + ")", "",
             "| direction | R@1 | R@5 |", "|---|---:|---:|",
-            f"| image -> text | {_f(r['image_to_text'].get('R@1'), '.3f')} | {_f(r['image_to_text'].get('R@5'), '.3f')} |",
-            f"| text -> image | {_f(r['text_to_image'].get('R@1'), '.3f')} | {_f(r['text_to_image'].get('R@5'), '.3f')} |",
-            f"| chance | {_f(r['chance']['R@1'], '.3f')} | {_f(r['chance']['R@5'], '.3f')} |", "",
+            row("image -> text", r["image_to_text"]), row("text -> image", r["text_to_image"]),
+            row("chance", r["chance"]), "",
+            "Any gallery item with the query's caption text is a match; a score tie with a different text "
+            "counts as a miss; chance accounts for repeated captions.", "",
         ]
+        cl = r.get("class_level")
+        if cl:
+            lines += [
+                f"Class level (the {cl['classes']} unique captions ranked; images grouped by caption):", "",
+                "| direction | R@1 | R@5 |", "|---|---:|---:|",
+                row("image -> caption", cl["image_to_text"]), row("caption -> image group", cl["text_to_image"]),
+                row("chance", cl["chance"]), "",
+            ]
     ro = m.get("routing")
     if ro:
         names = ro["experts"]

@@ -1,6 +1,6 @@
 """The causal LLM: a transformers model by hub id / local path, or "tiny-random" for tests and demos.
 
-The LLM is frozen by default (paper 4.1); ``lora=True`` wraps it with peft LoRA adapters, which are
+The LLM is frozen by default; ``lora=True`` wraps it with peft LoRA adapters, which are
 then the only trainable LLM weights. "tiny-random" is a small Llama built from a ``LlamaConfig`` with
 random weights and the offline byte-level tokenizer: its outputs mean nothing, and every run made
 with it says so (``random_weights`` in the run summary and saved config).
@@ -9,6 +9,7 @@ with it says so (``random_weights`` in the run summary and saved config).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,27 @@ class LoadedLLM:
     hidden_size: int
     random_weights: bool
     source: str  # what was loaded: "tiny-random", a hub id, or a path
+    text_warmup: dict[str, Any] | None = None  # what the text-only warm-up did (tiny-random), see text_warmup.py
 
 
-def build_llm(cfg: LLMConfig, *, from_dir: str | Path | None = None) -> LoadedLLM:
-    """Build (tiny-random) or load the LLM; ``from_dir`` reloads a run's saved copy (resume, eval)."""
+def build_llm(
+    cfg: LLMConfig,
+    *,
+    from_dir: str | Path | None = None,
+    warmup: Callable[[nn.Module, Any], dict[str, Any]] | None = None,
+) -> LoadedLLM:
+    """Build (tiny-random) or load the LLM; ``from_dir`` reloads a run's saved copy (resume, eval).
+
+    ``warmup(model, tokenizer)`` runs on a freshly built tiny-random LLM before it is frozen or wrapped
+    with LoRA (the text-only warm-up); a reloaded or hub LLM is never warmed up again."""
     if from_dir is not None and Path(from_dir).is_dir():
         loaded = _load_pretrained(str(from_dir), local_only=True)
         loaded.random_weights = cfg.name == TINY
         loaded.source = cfg.name
     elif cfg.name == TINY:
         loaded = _tiny_random(cfg)
+        if warmup is not None and cfg.text_warmup_steps > 0:
+            loaded.text_warmup = warmup(loaded.model, loaded.tokenizer)
     else:
         loaded = _load_pretrained(cfg.name, local_only=_offline())
     model = loaded.model

@@ -33,9 +33,11 @@ from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig, _build
 from astrea.train.errors import TrainError
 from astrea.train.model import IGNORE, AstreaModel
 from astrea.train.moco import MoCo, MoCoConfig, sample_ids
-from astrea.train.moe import MoEConfig, MoEFusion, MoEOutput
+from astrea.train.moe import ROUTERS, MoEConfig, MoEFusion, MoEOutput
 from astrea.train.stages import STAGES, AlignStage, Stage, StageContext, llm_trainable_modules
 from astrea.train.templates import STAGE_TASK, TASKS, Rendered, render
+
+ROUTER_CONTEXTS = ("instruction", "embedding", "none")
 
 __all__ = ["MainStage", "MainStageConfig", "MoEOptions", "MoCoOptions", "main_config"]
 
@@ -44,8 +46,13 @@ __all__ = ["MainStage", "MainStageConfig", "MoEOptions", "MoCoOptions", "main_co
 class MoEOptions:
     adapter_hidden: int | None = None  # None -> the LLM hidden size
     adapter_init: str = "identity"  # identity | random
-    router_context: bool = True  # router also reads the pooled instruction embedding
-    balance_weight: float = 0.0  # load-balancing aux loss; the paper names none
+    # What the router knows of the task (Fig. 2): "instruction" = the LLM's last-layer hidden state at the
+    # instruction's last token (a text-only forward of the prompt, no gradient); "embedding" = the mean
+    # input embedding of the prompt tokens (weak: prompts that differ in one word barely differ);
+    # "none" = the purely visual router of Eq. 9 read literally.
+    router_context: str = "instruction"
+    router: str = "learned"  # learned | uniform (control: equal weights, no routing)
+    balance_weight: float = 0.01  # load-balancing aux loss (Switch's 0.01); keeps top-k experts alive
 
 
 @dataclass
@@ -79,6 +86,11 @@ class MainStageConfig:
 
         try:
             check_choice("extras.moe.adapter_init", self.moe.adapter_init, ("identity", "random"))
+            # configs written before router_context took words said true / false
+            legacy = {"true": "embedding", "false": "none"}
+            self.moe.router_context = legacy.get(str(self.moe.router_context).lower(), self.moe.router_context)
+            check_choice("extras.moe.router_context", self.moe.router_context, ROUTER_CONTEXTS)
+            check_choice("extras.moe.router", self.moe.router, ROUTERS)
             check_choice("extras.moco.text_encoder", self.moco.text_encoder, ("llm", "embeddings"))
             for t in self.tasks:
                 check_choice("extras.tasks", t, TASKS)
@@ -149,7 +161,8 @@ class MainStage(Stage):
             top_k=self.mc.top_k,
             adapter_hidden=mo.adapter_hidden,
             adapter_init=mo.adapter_init,
-            router_context=mo.router_context,
+            router_context=mo.router_context != "none",
+            router=mo.router,
             balance_weight=mo.balance_weight,
             expert_names=tuple(self.experts),
         )
@@ -193,17 +206,38 @@ class MainStage(Stage):
         return out
 
     def instruction_context(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean input embedding of each sample's prompt tokens [B, H]: what the router knows of the task."""
+        """What the router knows of the task, [B, H] (see ``MoEOptions.router_context``).
+
+        "instruction": the prompt alone through the LLM, the last layer's hidden state at the prompt's
+        last token. A causal LM's state there summarises the whole instruction; "caption" and
+        "detection" prompts that share every other token still end in clearly different states, where
+        their mean input embeddings differ by one token in thirty. No gradient: the context is a
+        reading of the instruction, the LLM is not trained to serve the router.
+        """
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        prompt = (mask.bool() & (labels == IGNORE)).float()
+        prompt = mask.bool() & (labels == IGNORE)  # the prompt is a prefix of each row
         with torch.no_grad():
-            emb = model.llm.get_input_embeddings()(ids).float()
-        return (emb * prompt[..., None]).sum(1) / prompt.sum(1, keepdim=True).clamp(min=1)
+            if self.mc.moe.router_context == "embedding":
+                emb = model.llm.get_input_embeddings()(ids).float()
+                p = prompt.float()
+                return (emb * p[..., None]).sum(1) / p.sum(1, keepdim=True).clamp(min=1)
+            lengths = prompt.sum(1).clamp(min=1)
+            n = int(lengths.max())
+            kw = dict(input_ids=ids[:, :n], attention_mask=prompt[:, :n].long(), output_hidden_states=True,
+                      use_cache=False)
+            try:  # only hidden states are wanted: skip the vocabulary projection where the model allows
+                out = model.llm(**kw, logits_to_keep=1)
+            except TypeError:
+                out = model.llm(**kw)
+            h = out.hidden_states[-1]
+            return h[torch.arange(h.shape[0], device=h.device), lengths - 1].float()
 
     def fuse(self, model: AstreaModel, batch: dict[str, Any]) -> MoEOutput:
         grids = self.aligned_tokens(model, batch)
         moe: MoEFusion = model.extras["moe"]  # type: ignore[assignment]
-        context = self.instruction_context(model, batch).to(grids[0].dtype) if moe.cfg.router_context else None
+        context = None
+        if moe.cfg.router_context and moe.cfg.router == "learned":
+            context = self.instruction_context(model, batch).to(grids[0].dtype)
         return moe(grids, context=context)
 
     @property
@@ -275,6 +309,9 @@ class MainStage(Stage):
         tasks = self.mc.tasks
         start = tasks.index(self.task_for(str(sample.get("key", ""))))
         return self._render_first(sample, tasks[start:] + tasks[:start])
+
+    def text_renders(self) -> list[Callable[[dict[str, Any]], Rendered | None]]:
+        return [self.render_task(t) for t in self.mc.tasks]
 
     def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
         """A render function that always asks ``task`` (held-out evaluation per task type)."""

@@ -1,11 +1,12 @@
 """Run metrics: one JSON line per logged step or evaluation, the same scalars to TensorBoard, a tqdm bar.
 
 ``RUN/metrics.jsonl`` rows: ``{"kind": "train", "stage", "step", "global_step", "loss", "loss_reg",
-"lr", "tokens_per_s", "samples_per_s", "data_wait", ...}`` and ``{"kind": "heldout", "stage", "step",
-"loss_reg", "samples"}``. A resumed run first drops the rows the killed run logged after its checkpoint
-(``trim_metrics``), then appends: each (kind, stage, step) is in the file once. Non-finite numbers are
-written as ``null`` (strict JSON).
-Only rank 0 writes.
+"lr", "tokens_per_s", "samples_per_s", "data_wait", ...}``, ``{"kind": "heldout", "stage", "step",
+"loss_reg", "samples"}`` and, at each stage start, ``{"kind": "targets", "stage", "step": 0, "checked",
+"truncated_targets", "fitted_targets", "cut_<task>", "dropped_<task>"}`` (the stage's first training
+targets against ``dataset.max_text_tokens``; see ``Trainer.check_targets``). A resumed run first drops
+the rows the killed run logged after its checkpoint (``trim_metrics``), then appends: each (kind, stage,
+step) is in the file once. Non-finite numbers are written as ``null`` (strict JSON). Only rank 0 writes.
 """
 
 from __future__ import annotations

@@ -5,11 +5,15 @@ pooled embedding of the instruction, see below) and predicts n logits. The k lar
 to -inf, and a softmax turns them into routing probabilities P_i; the fused token is
 ``f = sum_i P_i * A_i(f_i)`` with A_i a per-expert MLP adapter.
 
-Why the router may read the instruction: the paper's Fig. 2 shows routing mass that differs *per task*
+Why the router reads the instruction: the paper's Fig. 2 shows routing mass that differs *per task*
 ("the caption task corresponds to ViT"). A router that sees only the visual tokens gives the same mixture
-for the same image whatever is asked, so it could not show that picture. ``router_context=True`` (default)
-adds a bias-free linear map of a context vector (the main stage passes the mean LLM embedding of the
-instruction prompt) to the logits; ``False`` is the purely visual router.
+for the same image whatever is asked, so it could not show that picture. With a context vector ``c`` (the
+main stage passes the instruction as the LLM sees it, see ``router_context`` in
+``astrea.train.main_stage``) the logits are ``W [f_1..f_n] + U norm(c)``: still one linear layer, over the
+tokens and the instruction together. ``norm`` is a LayerNorm without parameters: LLM hidden states have
+scales that differ by model and layer by orders of magnitude, and the router's init and learning rate
+should not depend on that. ``router_context="none"`` is the purely visual router; ``router="uniform"``
+replaces the router by equal weights 1/n (the "no routing" control).
 
 Adapters start as the identity (residual MLP whose output layer is zero-initialised): the main stage begins
 from the pre-alignment run's projectors, and an identity adapter means step 0 of the main stage feeds the LLM
@@ -42,9 +46,12 @@ class MoEConfig:
     top_k: int = 3  # Tab. 3: top-3 is the paper's default
     adapter_hidden: int | None = None  # None -> dim
     adapter_init: str = "identity"  # identity | random
-    router_context: bool = True  # router also reads the pooled instruction embedding (see module doc)
+    router_context: bool = True  # router also reads a context vector (the instruction, see module doc)
+    router: str = "learned"  # learned | uniform (control: every expert weighs 1/n, no top-k)
     router_init_std: float = 0.02  # small random init: all-equal logits would make top-k ties arbitrary
-    balance_weight: float = 0.0  # load-balancing aux loss weight; the paper names none, so off by default
+    # Switch-Transformer load-balancing aux loss. The paper names none; without it a top-k router can drop
+    # an expert for good in the first steps (masked logits get no gradient: measured in docs/main_stage.md)
+    balance_weight: float = 0.01
     expert_names: tuple[str, ...] = field(default_factory=tuple)  # for statistics only
 
     def validate(self) -> None:
@@ -59,6 +66,7 @@ class MoEConfig:
         if self.adapter_hidden is not None and self.adapter_hidden < 1:
             raise ValueError(f"moe.adapter_hidden={self.adapter_hidden} must be >= 1 (or None for dim)")
         check_choice("moe.adapter_init", self.adapter_init, ("identity", "random"))
+        check_choice("moe.router", self.router, ROUTERS)
         if self.balance_weight < 0:
             raise ValueError(f"moe.balance_weight={self.balance_weight} must be >= 0")
         if self.expert_names and len(self.expert_names) != self.n_experts:
@@ -84,6 +92,9 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+ROUTERS = ("learned", "uniform")
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -142,7 +153,10 @@ class MoEFusion(nn.Module):
         if self.context_router is not None and context is not None:
             if context.shape != (b, d):
                 raise ValueError(f"router context must be [B, D] = {(b, d)}, got {tuple(context.shape)}")
-            logits = logits + self.context_router(context).unsqueeze(1)
+            c = F.layer_norm(context.float(), (d,)).to(x.dtype)
+            logits = logits + self.context_router(c).unsqueeze(1)
+        if self.cfg.router == "uniform":
+            return logits, torch.full_like(logits, 1.0 / n)
         probs = top_k_mask(logits.float(), self.cfg.top_k).softmax(dim=-1).to(x.dtype)
         return logits, probs
 

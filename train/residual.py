@@ -67,6 +67,22 @@ class RandomResidualAttention(nn.Module):
             return f + gate * attn
         return gate * attn + (1 - gate) * f
 
+    @torch.no_grad()
+    def attention_entropy(self, f: torch.Tensor, context: list[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample mean entropy (nats) of the attention rows, [B]; log P means uniform attention.
+
+        Samples with no residual drawn get NaN (their attention is gated off, it is not used)."""
+        c = torch.stack(context, dim=1).to(f.dtype)
+        w = (self.draw(f.shape[0], c.shape[1], f.device) if weights is None else weights).to(f.dtype)
+        q = self.q(self.gamma * (w[:, :, None, None] * c).sum(dim=1))
+        k = self.k(f)
+        b, p, h = q.shape
+        d = h // self.heads
+        qs, ks = (x.view(b, -1, self.heads, d).transpose(1, 2) for x in (q, k))
+        a = (qs @ ks.transpose(-1, -2) / math.sqrt(d)).float().softmax(-1)  # [B, heads, P, P]
+        ent = -(a * a.clamp_min(1e-30).log()).sum(-1).mean(dim=(1, 2))
+        return ent.masked_fill(w.sum(1) == 0, float("nan"))
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, p, h = q.shape
         d = h // self.heads

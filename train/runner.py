@@ -85,7 +85,10 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         _hidden_size_error(saved, f"tiny-random with llm.hidden_size={cfg.llm.hidden_size}", cfg.llm.hidden_size)
     _seed(cfg.seed)
     llm_dir = run_dir / "llm"
-    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None)
+    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None,
+                    warmup=_text_warmup(cfg, stages, device))
+    if llm.text_warmup is None and saved is not None:
+        llm.text_warmup = saved["llm"].get("text_warmup")  # resumed: RUN/llm holds the warmed weights
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
         _hidden_size_error(saved, llm.source, llm.hidden_size)
     model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
@@ -118,7 +121,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         info = {
             "experts": {n: s.fingerprint() for n, s in specs.items()},
             "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
-            "llm": {"source": llm.source, "hidden_size": llm.hidden_size, "random_weights": llm.random_weights},
+            "llm": _llm_info(llm),
             "stages": list(cfg.stages),
             "world_size": dist.world_size,
         }
@@ -145,7 +148,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     store["damaged_rows_skipped"] = int(all_sum([store["damaged_rows_skipped"]], device, dist.world_size)[0])
     summary = {
         "run": str(run_dir),
-        "llm": {"source": llm.source, "random_weights": llm.random_weights, "hidden_size": llm.hidden_size},
+        "llm": _llm_info(llm),
         "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
         "world_size": dist.world_size,
         "global_steps": trainer.global_step,
@@ -161,6 +164,42 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     if dist.is_main:
         (run_dir / "summary.json").write_text(dumps_strict(summary))
     return summary
+
+
+def _llm_info(llm) -> dict[str, Any]:
+    info = {"source": llm.source, "hidden_size": llm.hidden_size, "random_weights": llm.random_weights}
+    if llm.text_warmup:
+        info["text_warmup"] = llm.text_warmup
+    return info
+
+
+def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
+    """The warm-up callable for build_llm: the run's own prompts and targets, training split only."""
+
+    def warm(model, tokenizer) -> dict[str, Any]:
+        from astrea.train.data import StoreReadLog, is_heldout, store_opener
+        from astrea.train.text_warmup import collect_texts, warm_up
+
+        experts = list(dict.fromkeys(e for s in stages for e in s.required_experts()))
+        opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1,
+                              log=StoreReadLog(skip_damaged=cfg.dataset.skip_damaged))
+        records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
+        stats = stages[0].ctx.stats if stages else None
+        before = dict(stats.dropped) if stats else {}
+        texts = collect_texts(records, [r for s in stages for r in s.text_renders()], cfg.llm.text_warmup_texts)
+        if stats:  # the stages count targets they drop while training; reading texts here is not training
+            stats.dropped.clear()
+            stats.dropped.update(before)
+        if not texts:
+            raise TrainError("llm.text_warmup_steps > 0 but the training split renders no target text; "
+                             "set --set llm.text_warmup_steps=0")
+        model.to(device)
+        print(f"[astrea train] text-only warm-up of the tiny LLM: {cfg.llm.text_warmup_steps} steps on "
+              f"{len(texts)} training-split target texts (no images)", flush=True)
+        return warm_up(model, tokenizer, texts, steps=cfg.llm.text_warmup_steps, batch_size=cfg.llm.text_warmup_batch,
+                       lr=cfg.llm.text_warmup_lr, max_len=cfg.dataset.max_text_tokens, seed=cfg.seed)
+
+    return warm
 
 
 def _hidden_size_error(saved: dict[str, Any], what: str, hidden: int) -> None:

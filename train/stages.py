@@ -61,7 +61,10 @@ class StageContext:
 
     def target_options(self) -> TargetOptions:
         d = self.cfg.dataset
-        return TargetOptions(max_objects=d.max_objects, decimals=d.box_decimals, polygon_points=d.polygon_points)
+        return TargetOptions(
+            max_objects=d.max_objects, decimals=d.box_decimals, polygon_points=d.polygon_points,
+            format=d.target_format, mask_grid=d.mask_grid,
+        )
 
 
 class Stage:
@@ -99,6 +102,10 @@ class Stage:
     # -- text ---------------------------------------------------------------------------------------
     def render(self, sample: dict[str, Any]) -> Rendered | None:
         return render(sample, self.tasks(), self.ctx.cfg.target_sources, self.ctx.target_options(), self.ctx.stats)
+
+    def text_renders(self) -> list[Any]:
+        """Render functions whose texts this stage trains on (the LLM's text-only warm-up reads them)."""
+        return [self.render]
 
     # -- non-module state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ parameters it trains are new each stage).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,26 @@ import torch
 
 from astrea.train.checkpoint import CheckpointDir, load_optimizer, save_tensors, set_rng_state, write_checkpoint
 from astrea.train.config import TrainConfig
-from astrea.train.data import Collator, Position, Prefetcher, StoreReadLog, batches, heldout_batches, store_opener
+from astrea.train.data import (
+    Collator,
+    Position,
+    Prefetcher,
+    StoreReadLog,
+    batches,
+    heldout_batches,
+    scan_targets,
+    store_opener,
+    target_loss_message,
+    with_permuted_features,
+)
 from astrea.train.distributed import DistInfo, all_gather_floats, all_gather_ints, all_sum, average_gradients
 from astrea.train.errors import TrainError
 from astrea.train.metrics import Metrics
 from astrea.train.model import AstreaModel
 from astrea.train.stages import Stage
+from astrea.train.templates import TASKS
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(total: int, warmup: float, schedule: str):
@@ -47,6 +62,8 @@ class StageResult:
     steps: int
     heldout_before: float | None = None
     heldout_after: float | None = None
+    # the control: the same held-out texts with every image's features replaced by another image's
+    heldout_permuted_after: float | None = None
     last_loss: float | None = None
     seconds: float = 0.0
     samples: int = 0
@@ -105,13 +122,40 @@ class Trainer:
         experts = stage.required_experts()
         if stage.name not in self.collators:
             self.collators[stage.name] = Collator(
-                stage.render, self.model.tokenizer, experts, self.cfg.dataset.max_text_tokens
+                stage.render, self.model.tokenizer, experts, self.cfg.dataset.max_text_tokens,
+                fit_targets=self.cfg.dataset.fit_targets,
             )
         opener = store_opener(
             self.cfg.store, self.cfg.data, experts, seed=self.cfg.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, log=self.store_log,
         )
         return opener, self.collators[stage.name]
+
+    def check_targets(self, stage: Stage, opener: Any, collator: Collator) -> dict[str, Any]:
+        """Scan the stage's first training targets (``dataset.target_check``, summed over ranks); warn
+        with counts per task when ``max_text_tokens`` would cut them or drop items, and log the counts."""
+        local = scan_targets(opener, collator, heldout_fraction=self.cfg.dataset.heldout_fraction,
+                             max_samples=self.cfg.dataset.target_check)
+        keys = ["records", "targets", "truncated_targets", "fitted_targets"]
+        flat = [float(local[k]) for k in keys]
+        for group in ("dropped_items", "cut_tasks", "task_targets"):
+            flat += [float(local[group].get(t, 0)) for t in TASKS]
+        tot = [int(v) for v in all_sum(flat, self.device, self.dist.world_size)]
+        counts: dict[str, Any] = dict(zip(keys, tot[: len(keys)], strict=True))
+        for i, group in enumerate(("dropped_items", "cut_tasks", "task_targets")):
+            vals = tot[len(keys) + i * len(TASKS) : len(keys) + (i + 1) * len(TASKS)]
+            counts[group] = {t: v for t, v in zip(TASKS, vals, strict=True) if v}
+        msg = target_loss_message(stage.name, counts, self.cfg.dataset.max_text_tokens)
+        if msg and self.dist.is_main:
+            log.warning(msg)
+        self.metrics.log({
+            "kind": "targets", "stage": stage.name, "step": 0, "global_step": self.global_step,
+            "checked": counts["targets"], "truncated_targets": counts["truncated_targets"],
+            "fitted_targets": counts["fitted_targets"],
+            **{f"cut_{t}": v for t, v in counts["cut_tasks"].items()},
+            **{f"dropped_{t}": v for t, v in counts["dropped_items"].items()},
+        })
+        return counts
 
     # -- held-out ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,11 +178,11 @@ class Trainer:
                 self.model.llm.eval()
         return (loss_sum / tokens if tokens else None), int(samples)
 
-    def log_heldout(self, stage: Stage, step: int, hb: list[dict[str, Any]]) -> float | None:
+    def log_heldout(self, stage: Stage, step: int, hb: list[dict[str, Any]], *, kind: str = "heldout") -> float | None:
         loss, n = self.heldout_loss(stage, hb)
         if loss is not None:
             self.metrics.log(
-                {"kind": "heldout", "stage": stage.name, "step": step, "global_step": self.global_step,
+                {"kind": kind, "stage": stage.name, "step": step, "global_step": self.global_step,
                  "loss_reg": loss, "samples": n}
             )
         return loss
@@ -225,6 +269,7 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, o.warmup, o.schedule))
         opener, collator = self._stream_parts(stage)
+        target_check = self.check_targets(stage, opener, collator)
         per_rank = max(cfg.dataset.heldout_max // self.dist.world_size, 1)
         hb = heldout_batches(
             opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction, max_samples=per_rank
@@ -321,9 +366,15 @@ class Trainer:
             self.metrics.close_bar()
         result.seconds = seconds_before + time.perf_counter() - t_stage
         result.heldout_after = self.log_heldout(stage, total, hb)
+        result.heldout_permuted_after = self.log_heldout(
+            stage, total, with_permuted_features(hb, seed=cfg.seed), kind="heldout_permuted"
+        )
         result.extra = {
             "skipped_records": collator.skipped,
             "truncated_targets": collator.truncated,
+            # what max_text_tokens did to this rank's targets (training + held-out), per task
+            "targets": collator.counts(),
+            "target_check": target_check,
             "rank_param_checksums": self.check_ranks_in_sync(stage, params),
         }
         self.save_stage(stage, result)

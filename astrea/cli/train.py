@@ -120,6 +120,16 @@ def format_summary(summary: dict) -> str:
             f"{s['name']:<15}{s['steps']:>6}{f(s['heldout_before'], '.4f'):>23}{f(s['heldout_after'], '.4f'):>9}"
             f"{f(s['samples_per_s'], '.1f'):>11}{f(s['data_wait_fraction'], '.1%'):>11}"
         )
+    for s in summary["stages"]:
+        t = (s.get("extra") or {}).get("targets") or {}
+        cut, dropped = t.get("cut_tasks") or {}, t.get("dropped_items") or {}
+        if cut or dropped:
+            what = []
+            if dropped:
+                what.append("items dropped to fit: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+            if cut:
+                what.append("targets cut (content lost): " + ", ".join(f"{k} {v}" for k, v in cut.items()))
+            lines.append(f"{s['name']}: {t.get('targets', 0)} targets vs dataset.max_text_tokens, " + "; ".join(what))
     store = summary.get("store") or {}
     if store.get("damaged_rows_skipped"):
         lines.append(f"store: {store['damaged_rows_skipped']} damaged row(s) skipped (dataset.skip_damaged): "

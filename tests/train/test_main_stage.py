@@ -79,7 +79,7 @@ def test_main_stage_trains_only_router_adapters_and_online_heads():
     assert visual.shape == (6, P, model.hidden_size)
     loss_reg, n = model.lm_loss(visual, batch["input_ids"], batch["attention_mask"], batch["labels"])
     extras = main.extra_losses(model, batch, visual)
-    assert set(extras) == {"moco"}
+    assert set(extras) == {"moco", "balance"}
     (loss_reg + sum(extras.values())).backward()
     assert all(p.grad is not None for p in model.extras["moe"].parameters())
     assert all(p.grad is not None for p in moco.online_parameters())
@@ -115,15 +115,16 @@ def test_task_per_sample_is_stable_and_covers_all_tasks():
     assert tasks1 == tasks2
     assert set(tasks1) == {"caption", "tags", "boxes", "masks"}
     r = main.render_task("boxes")(recs[0])
-    assert r.prompt == "Instruction: detection.\nAnswer:\n" and r.target == "boxes: dog [0.10,0.20,0.50,0.60]"
+    assert r.prompt == "Instruction: detection.\nAnswer:\n" and r.target == "boxes: dog [10,20,50,59]"  # round(99 v)
     # no caption: the caption task falls through to the next one with text
     nocap = records(40, caption=False)
     assert all(main.render(x).task != "caption" for x in nocap)
     assert main.render_task("caption")(nocap[0]) is None
 
 
-def test_router_context_makes_routing_depend_on_the_instruction():
-    cfg, model, main, collate = setup({"moe": {"router_context": True}, "no_moco": True})
+@pytest.mark.parametrize("context", ["instruction", "embedding", True])  # True: configs written before words
+def test_router_context_makes_routing_depend_on_the_instruction(context):
+    cfg, model, main, collate = setup({"moe": {"router_context": context}, "no_moco": True})
     with torch.no_grad():
         model.extras["moe"].context_router.weight.normal_(std=1.0)
     model.eval()

@@ -80,10 +80,11 @@ def test_balance_loss_and_stats_extremes():
     assert s["load_balance"] == pytest.approx(4.0)
 
 
-def test_aux_loss_off_by_default_and_weighted_when_on():
+def test_aux_loss_on_by_default_weighted_and_off_at_zero():
     torch.manual_seed(2)
     x = torch.randn(2, 4, 3, 8)
-    off = MoEConfig(dim=8).build()(x)
+    assert MoEConfig().balance_weight == 0.01  # Switch's weight: keeps top-k experts alive (docs/main_stage.md)
+    off = MoEConfig(dim=8, balance_weight=0.0).build()(x)
     assert off.aux_loss.item() == 0.0
     cfg = MoEConfig(dim=8, balance_weight=0.01)
     moe = cfg.build()

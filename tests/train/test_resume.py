@@ -21,7 +21,8 @@ SETTINGS = {
 
 def _losses(out):
     rows = read_metrics(out / "metrics.jsonl")
-    return {(r["kind"], r["stage"], r["step"]): r["loss" if r["kind"] == "train" else "loss_reg"] for r in rows}
+    return {(r["kind"], r["stage"], r["step"]): r["loss" if r["kind"] == "train" else "loss_reg"]
+            for r in rows if r["kind"] in ("train", "heldout")}
 
 
 def test_killed_run_resumes_exactly(toy_store, tmp_path):

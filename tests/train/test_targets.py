@@ -65,9 +65,10 @@ def test_polygon_of_a_rectangle_is_its_corners():
 
 def test_boxes_fixed_precision_and_clamped():
     stats = TargetStats()
-    text = boxes_text({"boxes": [[0.1234, -0.2, 0.5, 1.3], [1, 2]], "labels": ["a  cat", "x"]}, TargetOptions(), stats)
-    assert text == "a cat [0.12,0.00,0.50,1.00]"
-    assert stats.dropped["boxes: box not 4 finite numbers"] == 1
+    out = {"boxes": [[0.1234, -0.2, 0.5, 1.3], [1, 2]], "labels": ["a  cat", "x"]}
+    assert boxes_text(out, TargetOptions(), stats) == "a cat [12,0,50,99]"  # 0..99 bins: round(v * 99)
+    assert boxes_text(out, TargetOptions(format="decimal"), stats) == "a cat [0.12,0.00,0.50,1.00]"
+    assert stats.dropped["boxes: box not 4 finite numbers"] == 2
 
 
 def test_missing_outputs_are_counted_not_raised():
@@ -84,8 +85,9 @@ def test_render_is_cumulative_in_stage_order():
     assert r.target == "caption: a dog on grass\ntags: dog, grass"
     full = render(s, ["caption", "tags", "boxes", "masks"], SOURCES, TargetOptions(), stats)
     lines = full.target.split("\n")
-    assert lines[2] == "boxes: dog [0.10,0.25,0.50,0.76]"
-    assert lines[3].startswith("masks: dog (") and full.task == "masks"
+    assert lines[2] == "boxes: dog [10,25,50,75]"
+    # the mask (rows 2..7, columns 5..14 of 10x20) as its own box and a 4x4 occupancy code: all on
+    assert lines[3] == "masks: dog [25,20,74,79] ffff" and full.task == "masks"
     rev = render(s, ["masks", "boxes"], SOURCES, TargetOptions(), stats)
     assert rev.prompt == "Instruction: segmentation, detection.\nAnswer:\n"
 

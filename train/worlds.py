@@ -1,0 +1,128 @@
+"""Generated worlds: small feature stores where the right answer is known, to show a mechanism works.
+
+Each world writes a real store through the store's own writer (``Store.expert_dir(...).open_unit``),
+with the four pre-alignment experts' names and the DEVELOPING.md output conventions, so the trainer,
+eval and report read it exactly as they read an extracted store. The features are not images run through
+a model: they are built so that one question has one known answer, which is what a control needs.
+
+- :func:`routing_world` (issue 13.3): every image has four independent attributes, one per task
+  (caption, tags, boxes, masks), all drawn from the same eight words. Expert *i*'s tokens carry the
+  attribute of task *i* and nothing else. The answer to a task is therefore in one expert only, and a
+  router that knows the task should send that task's mass to that expert (the paper's Fig. 2 claim).
+- :func:`residual_world` (issue 13.4): a grid of cells, each with a colour; one cell holds "the object".
+  The classification expert's tokens carry every cell's colour (and its position), but not which cell is
+  the object; the caption expert's tokens carry only where the object is. The classification stage's
+  target names the object's colour, so it can only be predicted well by reading the classification
+  expert's tokens *where the caption expert points*: what the random residual attention (Eq. 2-4) is for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from astrea.schemas import ExpertSpec
+
+WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+EXPERTS = ("siglip", "ram_plus", "grounding_dino", "sam2")  # caption, classification, detection, segmentation
+TASK_EXPERT = {"caption": "siglip", "tags": "ram_plus", "boxes": "grounding_dino", "masks": "sam2"}
+BOX = [0.25, 0.25, 0.75, 0.75]
+
+
+@dataclass
+class World:
+    store: Path
+    dataset: str
+    images: int
+    experts: tuple[str, ...]
+    description: str
+
+
+def _spec(name: str, grid: int, dim: int, world: str, seed: int) -> ExpertSpec:
+    return ExpertSpec(
+        expert=name, arch=f"{name}.world-{world}", weights="random", weights_sha256="0" * 64,
+        preprocessing={"world": world, "seed": seed}, grid=grid, token_dim=dim, pooled_dim=dim, seed=seed,
+    )
+
+
+def _mask_outputs(word: str) -> dict:
+    from astrea.train.targets import encode_rle
+
+    m = np.zeros((16, 16), bool)
+    m[4:12, 4:12] = True
+    return {"masks": [{"rle": encode_rle(m), "score": 0.9, "area": int(m.sum()), "box": BOX, "label": word}]}
+
+
+def _outputs(name: str, word: str) -> dict:
+    if name == "ram_plus":
+        return {"tags": [word], "scores": [0.9]}
+    if name == "grounding_dino":
+        return {"boxes": [BOX], "labels": [word], "scores": [0.9]}
+    if name == "sam2":
+        return _mask_outputs(word)
+    return {}
+
+
+def _write(root: Path, dataset: str, specs: dict[str, ExpertSpec], rows: list[dict], per_unit: int) -> None:
+    """rows[i] = {"key", "caption", "tokens": {expert: [P, D]}, "outputs": {expert: dict}}."""
+    from astrea.shards import Store
+
+    store = Store(root)
+    for name, spec in specs.items():
+        edir = store.expert_dir(dataset, spec, create=True)
+        for u in range(0, len(rows), per_unit):
+            w = edir.open_unit(f"{u // per_unit:05d}")
+            for r in rows[u : u + per_unit]:
+                t = r["tokens"][name].astype(np.float32)
+                w.add(r["key"], t, t.mean(0), r["outputs"].get(name, {}), caption=r["caption"])
+            w.commit()
+
+
+def routing_world(root: str | Path, *, images: int = 480, grid: int = 2, dim: int = 16, noise: float = 0.3,
+                  seed: int = 0, dataset: str = "routing", per_unit: int = 120) -> World:
+    """Four attributes per image, expert i carries attribute i only (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    codebooks = {e: rng.normal(size=(len(WORDS), dim)) for e in EXPERTS}
+    rows = []
+    for i in range(images):
+        attr = {e: int(rng.integers(len(WORDS))) for e in EXPERTS}
+        tokens = {e: codebooks[e][attr[e]] + noise * rng.normal(size=(grid * grid, dim)) for e in EXPERTS}
+        rows.append({
+            "key": f"r{i:06d}", "caption": WORDS[attr["siglip"]], "tokens": tokens,
+            "outputs": {e: _outputs(e, WORDS[attr[e]]) for e in EXPERTS},
+        })
+    specs = {e: _spec(e, grid, dim, "routing", seed) for e in EXPERTS}
+    _write(Path(root), dataset, specs, rows, per_unit)
+    return World(Path(root), dataset, images, EXPERTS,
+                 "each task's answer is carried by one expert: caption->siglip, tags->ram_plus, "
+                 "boxes->grounding_dino, masks->sam2")
+
+
+def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: int = 16, noise: float = 0.2,
+                   seed: int = 0, dataset: str = "residual", per_unit: int = 120) -> World:
+    """Where-is-the-object (caption expert) x what-is-in-each-cell (classification expert)."""
+    rng = np.random.default_rng(seed)
+    p = grid * grid
+    pos = rng.normal(size=(p, dim))  # positional code: real experts' tokens know where they are
+    colour = rng.normal(size=(len(WORDS), dim))
+    where = rng.normal(size=(p, dim))
+    names = [f"cell {r} {c}" for r in range(grid) for c in range(grid)]
+    rows = []
+    for i in range(images):
+        cells = rng.integers(len(WORDS), size=p)
+        obj = int(rng.integers(p))
+        ram = pos + colour[cells] + noise * rng.normal(size=(p, dim))
+        # the caption expert knows where the object is, everywhere (a global descriptor), nothing of colours
+        sig = np.broadcast_to(where[obj], (p, dim)) + noise * rng.normal(size=(p, dim))
+        word = WORDS[int(cells[obj])]
+        rows.append({
+            "key": f"s{i:06d}", "caption": f"object in {names[obj]}",
+            "tokens": {"siglip": sig, "ram_plus": ram},
+            "outputs": {"ram_plus": {"tags": [word], "scores": [0.9]}},
+        })
+    specs = {e: _spec(e, grid, dim, "residual", seed) for e in ("siglip", "ram_plus")}
+    _write(Path(root), dataset, specs, rows, per_unit)
+    return World(Path(root), dataset, images, ("siglip", "ram_plus"),
+                 "the classification target is the colour of the cell the caption expert points at")
