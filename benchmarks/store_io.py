@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/store_io.py [--images 48] [--grid 24] [--dim 1152] [--dir /fast/disk]
 
-Prints one table (markdown) with, per format: write and read MB/s of the feature arrays, the ratio to
+Prints two tables (markdown). The first, per format: write and read MB/s of the feature arrays, the ratio to
 writing/reading the same arrays as one .npy file per array, and bytes per image on disk. MB/s counts
 the logical array bytes in the storage dtype (tokens + pooled), so compression shows up as speed.
 
@@ -15,6 +15,9 @@ What is measured, honestly:
 - Reads run right after the writes, from the page cache: they measure the format's CPU cost (decode,
   decompress, parse), not the disk. Reads use ``ExpertDir.iter_unit`` (all keys, arrays as returned to
   the trainer).
+- The second table: CPU seconds of reading each unit with every row verified (checksum against the
+  index, the default of every astrea reader) vs unverified (``iter_unit(verify=False)``), best of
+  ``--repeat`` interleaved passes, and what the older sha256 row checksum would cost instead of xxh3.
 - Features are synthetic but not noise: per image a smooth low-rank spatial field (as ViT token grids
   are) plus small noise. Random noise compresses worse than this, real features somewhat better or
   similar; zstd mostly wins on the exponent bits, the fp16 mantissas stay near-incompressible.
@@ -80,6 +83,38 @@ def bench_store(root: Path, fmt: str, dtype: str, tokens: np.ndarray, pooled: np
     return cw, cr, stats["data_bytes"] / len(tokens)
 
 
+def bench_verify(root: Path, repeat: int) -> list[tuple[str, str, float, float, float, float]]:
+    """Per unit written by ``bench_store``: (format, dtype, read unverified, read verified, xxh3 work,
+    sha256 work), CPU seconds.
+
+    Whole reads are interleaved and the best of ``repeat`` kept, so a load spike hits no variant alone;
+    zarr decodes on a thread pool, so their difference is noisy (+-10% on a shared machine). The work
+    verification adds is also timed alone: hashing every row as read, with xxh3_128 (what new units
+    use) and with sha256 (what a store written before xxh3 costs its readers)."""
+    from astrea.schemas.unit import row_checksum
+
+    out = []
+    for edir in Store(root).experts("bench"):
+        best = {"off": float("inf"), "on": float("inf")}
+        for _ in range(repeat):
+            for mode in best:
+                c0 = time.process_time()
+                for _ in edir.iter_unit("00000", verify=(mode == "on")):
+                    pass
+                best[mode] = min(best[mode], time.process_time() - c0)
+        rows = [stored for _, stored in edir.iter_stored("00000", verify=False)]
+        work = {}
+        for algo in ("xxh3_128", "sha256"):
+            work[algo] = float("inf")
+            for _ in range(repeat):
+                c0 = time.process_time()
+                for t, p, o in rows:
+                    row_checksum(t, p, o, algo)
+                work[algo] = min(work[algo], time.process_time() - c0)
+        out.append((edir.spec.format, edir.spec.dtype, best["off"], best["on"], work["xxh3_128"], work["sha256"]))
+    return out
+
+
 def bench_npy(root: Path, tokens: np.ndarray, pooled: np.ndarray) -> tuple[Clock, Clock, float]:
     root.mkdir(parents=True)
     paths = []
@@ -104,6 +139,7 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=24, help="token grid (24 -> 576 tokens)")
     ap.add_argument("--dim", type=int, default=1152, help="token and pooled dim (SigLIP so400m: 1152)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=5, help="passes per variant in the verified-read table (best kept)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="astrea_store_io_", dir=args.dir))
@@ -140,6 +176,16 @@ def main() -> None:
         print("\nMB/s = logical array MB (storage dtype, before compression) per wall second; MB/cpu-s per CPU "
               "second of this process (all threads), which a loaded machine distorts less. Ratios > 1 mean faster "
               "than the .npy baseline of the same dtype.")
+        print("\n| layout | read cpu-s, unverified | verified (default) | measured difference | "
+              "xxh3_128 work | = overhead | sha256 work (older stores) | = overhead |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for fmt, d, off, on, xxh, sha in bench_verify(tmp / "store", args.repeat):
+            name = f"{'Zarr v3' if fmt == 'zarr' else 'WebDataset tar'}, {d}"
+            print(f"| {name} | {off:.3f} | {on:.3f} | {on / off - 1:+.1%} | {xxh:.4f} | {xxh / off:.1%} | "
+                  f"{sha:.3f} | {sha / off:.1%} |")
+        print("\nCPU seconds of this process (all threads) to read the unit through ExpertDir.iter_unit, best of "
+              "--repeat interleaved passes. The work columns time the row hashing alone over the same rows; "
+              "overhead = work / unverified read.")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

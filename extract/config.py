@@ -228,10 +228,10 @@ class ExtractConfig:
 
         try:
             source = open_source(self.data, format=self.source_format)
+            shards = list(source.shards())  # an empty folder is found here (DataError, a ValueError)
         except (FileNotFoundError, KeyError, ValueError) as e:
             msg = e.args[0] if e.args else str(e)
             raise ExtractConfigError(f"data={self.data!r}: {msg}") from None
-        shards = list(source.shards())
         by_name = {s.name: s for s in shards}
         selected = select_shards([s.name for s in shards], self.shards)
         counts: dict[str, int | None] = {}
@@ -253,6 +253,13 @@ class ExtractConfig:
         dataset = self.dataset or getattr(source, "name", None) or Path(str(self.data)).name
         if not dataset or "/" in dataset or dataset.startswith("."):
             raise ExtractConfigError(f"dataset={dataset!r} is not a usable dataset name; pass --dataset NAME")
+        from astrea.shards import Store
+        from astrea.shards.errors import StoreError
+
+        try:  # a read-only or mistyped --store fails here, before Ray starts and models load
+            Store(self.store_root()).check_writable()
+        except StoreError as e:
+            raise ExtractConfigError(e.args[0]) from None
         return ExtractPlan(config=self, experts=names, source=source, dataset=dataset, shards=selected,
                            counts={n: counts.get(n, _len_or_none(by_name[n])) for n in selected},
                            store=self.store_root())

@@ -23,8 +23,10 @@ MAX_PREPROCESSOR_BYTES = 8 * 2**20
 
 
 def _reason(e: BaseException) -> str:
+    from astrea.schemas.unit import stable_reason
+
     msg = e.args[0] if e.args else str(e)
-    return str(msg)[:300]
+    return stable_reason(str(msg))[:300]
 
 
 # -- read -----------------------------------------------------------------------------------------

@@ -110,6 +110,8 @@ def format_summary(report: dict[str, Any]) -> str:
                      + (f", {len(r['units_failed'])} NOT written" if r.get("units_failed") else ""))
         for u, why in sorted(r.get("units_failed", {}).items()):
             lines.append(f"      {u}: {why}")
+        for err in r.get("store_errors", []):
+            lines.append(f"    STORE ERROR: {err}")
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["failures_by_reason"].items(), key=lambda kv: -kv[1]))
         lines.append(f"    images: {r['images_ok']} ok, {r['images_failed']} failed" + (f" ({reasons})" if reasons else ""))
         lines.append(f"    wrote {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s, {r['images_per_s']:.2f} images/s"

@@ -232,7 +232,7 @@ class ExpertJob:
             "temp_cleaned": cleaned, "units_selected": len(self.plan.shards),
             "units_skipped": sorted(u for u in self.plan.shards if u in committed),
             "units_committed": [], "images_ok": 0, "images_failed": 0, "failures_by_reason": {},
-            "bytes_written": 0,
+            "bytes_written": 0, "store_errors": [],
         })
         if not todo:
             self.report["status"] = "nothing to do" if not self.failed_units else "incomplete"
@@ -240,7 +240,10 @@ class ExpertJob:
             self._stream(todo, pre, fps)
             self.report["status"] = "incomplete" if self.failed_units else "done"
             # A worker that died mid-unit (its unit was redone by another) left its temp behind.
-            self.report["temp_cleaned"] += edir.cleanup_temp()
+            try:
+                self.report["temp_cleaned"] += edir.cleanup_temp()
+            except OSError as e:  # the store turned read-only (or went away): the summary still counts
+                self.report["store_errors"].append(f"cleanup: {e.strerror or type(e).__name__}: {e.filename or edir.path}")
         self.report["units_failed"] = dict(sorted(self.failed_units.items()))
         secs = time.monotonic() - t0
         n = self.report["images_ok"] + self.report["images_failed"]
@@ -251,7 +254,11 @@ class ExpertJob:
             self.report["seconds_to_ready"] = round(self.t_ready - t0, 3)
             self.report["images_per_s_after_load"] = round(n / (self.t_done - self.t_ready), 3)
         if todo:  # a no-op rerun keeps the report of the run that did the work
-            _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
+            try:
+                _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
+            except OSError as e:
+                self.report["store_errors"].append(
+                    f"{REPORT_NAME} not written: {e.strerror or type(e).__name__}: {e.filename or edir.path}")
         return self.report
 
     def _stream(self, todo: list[str], pre: Any, fps: dict[str, str]) -> None:
@@ -548,6 +555,6 @@ def run_plan(plan: ExtractPlan) -> dict[str, Any]:
         "experts": reports, "images_ok": ok, "images_failed": failed,
         "bytes_written": sum(r["bytes_written"] for r in reports), "seconds": round(secs, 3),
         "images_per_s": round((ok + failed) / secs, 3) if secs > 0 else 0.0,
-        "status": "incomplete" if any(r["status"] == "incomplete" for r in reports) else (
+        "status": "incomplete" if any(r["status"] == "incomplete" or r.get("store_errors") for r in reports) else (
             "nothing to do" if all(r["status"] == "nothing to do" for r in reports) else "done"),
     }

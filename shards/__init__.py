@@ -13,12 +13,12 @@ ds = JoinedDataset(store, dataset, ["siglip", "sam2"], shuffle=True, seed=0, ran
 See docs/store.md for the layout and for reading a store without astrea.
 """
 
-from astrea.shards.errors import StoreError, UnitBusyError, UnitCommittedError
+from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import FORMATS, get_format
 from astrea.shards.store import ExpertDir, Record, Store
 from astrea.shards.writer import UnitWriter
 
-__all__ = ["Store", "ExpertDir", "Record", "UnitWriter", "StoreError", "UnitBusyError", "UnitCommittedError", "FORMATS",
+__all__ = ["DamagedRowError", "Store", "ExpertDir", "Record", "UnitWriter", "StoreError", "UnitBusyError", "UnitCommittedError", "FORMATS",
            "get_format", "JoinedDataset"]
 
 

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astrea.schemas.unit import row_checksum
 from astrea.shards import fsutil
-from astrea.shards.store import ExpertDir, Store
+from astrea.shards.store import Damaged, ExpertDir, Store
 
 
 @dataclass
@@ -131,6 +130,7 @@ class Problem:
     kind: str  # corrupt | missing | uncommitted | invalid
     path: str
     detail: str
+    repaired: str | None = None  # with repair: what was done about it
 
 
 @dataclass
@@ -139,6 +139,7 @@ class VerifyReport:
     units_checked: int = 0
     rows_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)  # with repair: folders the damaged units went to
 
     @property
     def ok(self) -> bool:
@@ -146,7 +147,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "experts": self.experts, "units_checked": self.units_checked,
-                "rows_checked": self.rows_checked, "problems": [asdict(p) for p in self.problems]}
+                "rows_checked": self.rows_checked, "problems": [asdict(p) for p in self.problems],
+                "quarantined": self.quarantined}
 
 
 def verify_unit(edir: ExpertDir, unit: str) -> tuple[int, list[Problem]]:
@@ -168,27 +170,35 @@ def verify_unit(edir: ExpertDir, unit: str) -> tuple[int, list[Problem]]:
         probs.append(Problem("corrupt", str(ip), "sha256 differs from the one recorded in its stats file"))
         return 0, probs
     rows = ok = 0
+    damaged: list[str] = []
     try:
-        for row, stored in edir.iter_stored(unit):
+        # check_finite off: inf/NaN the expert produced are stored as produced and counted in the stats;
+        # verify looks for bytes that changed after the commit.
+        for row, stored in edir.iter_stored(unit, on_damaged="mark", check_finite=False):
             rows += 1
             if stored is None:
                 continue
             ok += 1
-            t, pl, out = stored
-            if row_checksum(t, pl, out) != row["checksum"]:
-                probs.append(Problem("corrupt", str(edir.data_path(unit)),
-                                     f"key {row['key']!r} (row {row['index']}): checksum mismatch"))
+            if isinstance(stored, Damaged):
+                damaged.append(f"key {row['key']!r} (row {row['index']}): {stored.reason}")
     except Exception as e:  # noqa: BLE001 - a container that cannot be read to the end is corrupt
         msg = e.args[0] if e.args and isinstance(e.args[0], str) else f"{type(e).__name__}: {e}"
         probs.append(Problem("corrupt", str(edir.data_path(unit)), f"unreadable after {rows} row(s): {msg}"))
         return rows, probs
+    if damaged:  # one problem per unit: a damaged chunk spoils every row it holds
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        probs.append(Problem("corrupt", str(edir.data_path(unit)),
+                             f"{len(damaged)} damaged row(s): {'; '.join(damaged[:3])}{more}"))
     if rows != stats.get("images") or ok != stats.get("ok"):
         probs.append(Problem("corrupt", str(sp), f"stats say {stats.get('images')} keys / {stats.get('ok')} ok, "
                                                  f"the unit holds {rows} / {ok}"))
     return rows, probs
 
 
-def verify(store: Store, dataset: str | None = None, expert: str | None = None) -> VerifyReport:
+def verify(store: Store, dataset: str | None = None, expert: str | None = None, *, repair: bool = False) -> VerifyReport:
+    """Check every unit; with ``repair``, move each corrupt or missing unit aside (``ExpertDir.quarantine``:
+    the next extraction redoes it) and clean up what crashed writers left (``cleanup_temp``). Units a
+    live writer holds are never touched. The report still lists what was found, with what was done."""
     rep = VerifyReport()
     for info in scan(store, dataset, expert):
         rep.experts += 1
@@ -196,19 +206,39 @@ def verify(store: Store, dataset: str | None = None, expert: str | None = None) 
             rep.problems.append(Problem("invalid", str(Path(info.path) / "expert.json"), info.error))
             continue
         edir = ExpertDir.open(info.path)
+        found: list[Problem] = []
+        leftovers: list[tuple[Problem, Any]] = []  # (problem, "is it still there?")
         for u in info.uncommitted:
-            rep.problems.append(Problem("uncommitted", str(edir.path / u),
-                                        "data or index without a stats file (a writer crashed or is running); "
-                                        "the next extraction run cleans it up and redoes the unit"))
+            found.append(Problem("uncommitted", str(edir.path / u),
+                                 "data or index without a stats file (a writer crashed or is running); "
+                                 "the next extraction run cleans it up and redoes the unit"))
+            leftovers.append((found[-1], lambda u=u: u in edir.units()))
         for name in info.temp_files:
             t = fsutil.parse_temp(name)
             live = t is not None and t.owner_alive()
-            rep.problems.append(Problem("uncommitted", str(edir.path / name),
-                                        "temporary file of a running writer" if live else
-                                        "temporary file of a crashed writer; removed by the next extraction run"))
+            found.append(Problem("uncommitted", str(edir.path / name),
+                                 "temporary file of a running writer" if live else
+                                 "temporary file of a crashed writer; removed by the next extraction run"))
+            leftovers.append((found[-1], lambda p=edir.path / name: p.exists()))
+        if repair and leftovers:
+            edir.cleanup_temp()
+            for p, still in leftovers:
+                p.repaired = "left alone: a live writer holds the unit" if still() else "removed"
         for ui in info.units:
             rows, probs = verify_unit(edir, ui.unit)
             rep.units_checked += 1
             rep.rows_checked += rows
-            rep.problems.extend(probs)
+            if repair and any(p.kind in ("corrupt", "missing") for p in probs):
+                why = "; ".join(f"{p.kind}: {p.path}: {p.detail}" for p in probs)
+                q = edir.quarantine(ui.unit, f"astrea shards verify --repair: {why}")
+                for p in probs:
+                    p.repaired = (f"unit moved to {q}; the next `astrea extract` redoes it" if q is not None
+                                  else "left alone: a live writer holds the unit")
+                if q is not None:
+                    rep.quarantined.append(str(q))
+            found.extend(probs)
+        rep.problems.extend(found)
+    if rep.experts == 0:  # nothing checked is not "OK": a wrong path would pass silently
+        rep.problems.append(Problem("invalid", str(store.root), "no expert directory (DATASET/EXPERT@FINGERPRINT) "
+                                    "found: not an astrea store, or an empty one"))
     return rep

@@ -18,3 +18,12 @@ class UnitCommittedError(StoreError):
 
 class UnitBusyError(StoreError):
     """Writing a unit that a live process on this host is writing: one writer per unit."""
+
+
+class DamagedRowError(StoreError):
+    """A committed row that cannot be used: its bytes no longer hash to the index checksum, its container
+    cannot be decoded there, or it holds inf/NaN. ``unit``, ``key``, ``path`` and ``reason`` say which."""
+
+    def __init__(self, message: str, *, path: str, unit: str, key: str, reason: str):
+        super().__init__(message)
+        self.path, self.unit, self.key, self.reason = path, unit, key, reason

@@ -114,3 +114,75 @@ def write_atomic(final: Path, data: bytes, *, overwrite: bool = False) -> None:
             tmp.unlink()
         raise
     fsync_path(final.parent)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(directory: Path, unit: str) -> Path:
+    return directory / f".{unit}{LOCK_SUFFIX}"
+
+
+class UnitLock:
+    """An exclusive ``flock`` on ``.UNIT.lock``: held by a unit's writer from ``open_unit`` until its commit
+    (stats included) or abort, and taken by cleanup and repair before they touch the unit's files.
+
+    The kernel drops the lock when its holder dies, so "lockable" means "no live writer" without pids or
+    ages. The holder removes the file before letting go; whoever opened the old file meanwhile notices
+    (inode differs) and tries again, so two processes never both believe they hold the unit. flock on
+    NFS is only as good as the server's locking: cleanup also keeps the host/age rule for temp files.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting: False when another open file description holds it."""
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self.fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{_HOST} {os.getpid()}\n".encode())  # for a person looking at a stuck unit
+                return True
+            os.close(fd)  # its holder released and removed it while we waited: lock the new file
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: see the class docstring
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:  # a writer dropped without commit or abort: let the unit go with it
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self) -> UnitLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

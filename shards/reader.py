@@ -1,7 +1,11 @@
 """Join several experts of one dataset by key, as a torch ``IterableDataset``.
 
 - Units: only those committed for *every* requested expert (an expert still being extracted never
-  shows up half-done); ``units_not_joined`` says which units were left out and why.
+  shows up half-done); ``units_not_joined`` says which units were left out and why (per expert: not
+  extracted, not committed, or MISSING data/index under a stats file).
+- Verified: every row read is checked against its index checksum (and for inf/NaN when the unit's
+  stats count any). A damaged row raises ``DamagedRowError`` naming unit, key and the repair command;
+  with ``on_damaged="skip"`` the key is skipped, counted (``skipped_damaged``) and listed in ``damaged``.
 - Keys: in shard (source) order; a key that failed in any expert is skipped and counted, never
   zero-filled; a key missing from an expert's unit is skipped and counted too.
 - Splitting: the unit list (shuffled per epoch when ``shuffle``) is dealt round-robin over the
@@ -26,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from astrea.schemas.unit import STATUS_OK
 from astrea.shards.errors import StoreError
-from astrea.shards.store import ExpertDir, Record, Store
+from astrea.shards.store import STATUS_DAMAGED, ExpertDir, Record, Store
 
 
 class JoinedDataset(IterableDataset):
@@ -39,8 +43,13 @@ class JoinedDataset(IterableDataset):
 
     def __init__(self, store: Store | str | Path, dataset: str, experts: Sequence[str], *, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, buffer_size: int = 64,
-                 units: Sequence[str] | None = None, block_rows: int | None = None):
+                 units: Sequence[str] | None = None, block_rows: int | None = None, on_damaged: str = "raise"):
         super().__init__()
+        if on_damaged not in ("raise", "skip"):
+            raise StoreError(f"JoinedDataset: on_damaged={on_damaged!r}: use 'raise' or 'skip'")
+        self.on_damaged = on_damaged
+        # (expert, unit, key) -> why, for rows skipped as damaged; a caller may pass in a shared dict
+        self.damaged: dict[tuple[str, str, str], str] = {}
         self.store = store if isinstance(store, Store) else Store(store)
         self.dataset = dataset
         if not experts:
@@ -56,11 +65,14 @@ class JoinedDataset(IterableDataset):
                 raise StoreError(f"JoinedDataset: expert {edir.expert!r} requested twice "
                                  f"({self.edirs[edir.expert].name} and {edir.name}); records are keyed by name")
             self.edirs[edir.expert] = edir
-        committed = {n: set(e.committed_units()) for n, e in self.edirs.items()}
+        listed = {n: e.units() for n, e in self.edirs.items()}
+        committed = {n: {u for u in listed[n] if self.edirs[n].is_committed(u)} for n in self.edirs}
         common = set.intersection(*committed.values())
-        everywhere = set.union(*committed.values())
-        self.units_not_joined = {u: sorted(n for n, c in committed.items() if u not in c)
-                                 for u in sorted(everywhere - common)}  # unit -> experts lacking it
+        everywhere = set().union(*(set(v) for v in listed.values()))
+        # unit -> {expert: why it cannot be read}: every unit some expert lists but not all can serve
+        self.units_not_joined: dict[str, dict[str, str]] = {
+            u: {n: self.edirs[n].unit_problem(u) or "" for n in self.edirs if u not in committed[n]}
+            for u in sorted(everywhere - common)}
         if units is not None:
             bad = [u for u in units if u not in common]
             if bad:
@@ -125,7 +137,8 @@ class JoinedDataset(IterableDataset):
             if [k for k in keys[n] if k in shared] != order:
                 raise StoreError(f"{self.edirs[n].index_path(unit)}: keys are in a different order than in "
                                  f"{self.edirs[names[0]].index_path(unit)}; both should follow the source shard")
-        streams = {n: self.edirs[n].iter_unit(unit, include_failed=True, block_rows=self.block_rows)
+        streams = {n: self.edirs[n].iter_unit(unit, include_failed=True, block_rows=self.block_rows,
+                                              on_damaged=self.on_damaged)
                    for n in names}
         for key in primary:
             if key not in shared:
@@ -137,6 +150,13 @@ class JoinedDataset(IterableDataset):
                     if r.key == key:
                         recs[n] = r
                         break
+            damaged = [n for n, r in recs.items() if r.status == STATUS_DAMAGED]
+            if damaged:
+                self.counts["skipped_damaged"] += 1
+                for n in damaged:
+                    self.counts[f"damaged:{n}"] += 1
+                    self.damaged[(n, unit, key)] = recs[n].error or "damaged"
+                continue
             failed = [n for n, r in recs.items() if r.status != STATUS_OK]
             if failed:
                 self.counts["skipped_failed"] += 1

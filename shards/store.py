@@ -27,10 +27,10 @@ import pyarrow.parquet as pq
 
 from astrea.registry import UnknownNameError
 from astrea.schemas.expert_spec import ExpertSpec, SpecError
-from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION
+from astrea.schemas.unit import INDEX_SCHEMA, STATUS_OK, UNIT_SCHEMA_VERSION, check_row
 from astrea.shards import fsutil
-from astrea.shards.dtypes import from_storage
-from astrea.shards.errors import StoreError, UnitBusyError, UnitCommittedError
+from astrea.shards.dtypes import from_storage, nonfinite_in_storage
+from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.formats import get_format
 from astrea.shards.writer import UnitWriter, created_by
 
@@ -46,6 +46,17 @@ def _check_name(kind: str, name: str) -> str:
         raise StoreError(f"{kind} name {name!r} is not valid: use letters, digits, '_' and '-' "
                          "(it becomes a file name in the store)")
     return name
+
+
+STATUS_DAMAGED = "damaged"  # Record.status of a row a skipping reader could not use (never in an index)
+NONFINITE = "non-finite values"
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """What ``iter_stored(on_damaged="mark")`` yields in place of a row's arrays when the row is unusable."""
+
+    reason: str
 
 
 @dataclass
@@ -140,48 +151,119 @@ class ExpertDir:
     def temp_files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if fsutil.parse_temp(p.name) is not None)
 
-    def cleanup_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
-        """Remove what crashed writers left: temp files whose writer is gone, and data or index files of
-        units that never got their stats file. Returns how many paths were removed.
+    def unit_lock(self, unit: str) -> fsutil.UnitLock:
+        return fsutil.UnitLock(fsutil.lock_path(self.path, unit))
 
-        A temp of a live writer on this host is kept; one from another host is removed only when older
-        than ``stale_after_s`` (its process cannot be checked from here).
+    def cleanup_temp(self, *, stale_after_s: float = STALE_AFTER_S) -> int:
+        """Remove what crashed writers left: temp files whose writer is gone, data or index files of
+        units that never got their stats file, and stale lock files; quarantine units whose stats file
+        is there but whose data or index is gone (see ``quarantine``), so a rerun writes them again.
+        Returns how many paths were removed or moved.
+
+        A unit whose lock a live writer holds (``open_unit`` to the end of ``commit``) is never touched,
+        whatever its files look like: between its data rename and its stats file it has no stats yet.
+        Temp files are also kept while their pid is alive on this host, and, from another host (its
+        process cannot be checked from here), until older than ``stale_after_s``.
         """
         removed = 0
-        busy: set[str] = set()
+        temps: dict[str, list[Path]] = {}
         for p in self.temp_files():
             t = fsutil.parse_temp(p.name)
             assert t is not None
-            alive = t.owner_alive()
-            if alive is None:
-                alive = (time.time() - p.lstat().st_mtime) < stale_after_s
-            if alive:  # a live writer (this process's included): its unit is off limits
-                busy.add(t.unit)
+            temps.setdefault(t.unit, []).append(p)
+        locks = {p.name[1:-len(fsutil.LOCK_SUFFIX)] for p in self.path.iterdir()
+                 if p.name.startswith(".") and p.name.endswith(fsutil.LOCK_SUFFIX) and fsutil.TMP_MARK not in p.name}
+        for u in sorted(set(temps) | set(self.units()) | locks):
+            if u not in temps and u not in locks and self.is_committed(u):
                 continue
-            fsutil.remove(p)
-            removed += 1
-        for u in self.units():
-            if u in busy or self.stats_path(u).exists():
-                continue
-            for p in (self.data_path(u), self.index_path(u)):
-                if p.exists():
+            lock = self.unit_lock(u)
+            if not lock.acquire():
+                continue  # a live writer owns it
+            try:
+                live_temp = False  # a writer the lock cannot see (another host over NFS): hands off
+                for p in temps.get(u, []):
+                    t = fsutil.parse_temp(p.name)
+                    alive = t.owner_alive() if t is not None else None
+                    if alive is None:
+                        alive = (time.time() - p.lstat().st_mtime) < stale_after_s
+                    if alive:
+                        live_temp = True
+                        continue
                     fsutil.remove(p)
                     removed += 1
+                if live_temp or self.is_committed(u):
+                    pass
+                elif self.stats_path(u).exists():
+                    removed += self._quarantine_locked(u, "stats file present, data or index gone (found by cleanup)")
+                else:
+                    for p in (self.data_path(u), self.index_path(u)):
+                        if p.exists():
+                            fsutil.remove(p)
+                            removed += 1
+            finally:
+                lock.release()  # also removes a crashed writer's lock file
         if removed:
             fsutil.fsync_path(self.path)
         return removed
 
-    def open_unit(self, unit: str) -> UnitWriter:
-        """A writer for ``unit`` in this expert's format. Refuses a committed unit or one being written."""
+    QUARANTINE = ".quarantine"
+
+    def quarantine(self, unit: str, why: str) -> Path | None:
+        """Move a unit's stats, index and data aside to ``.quarantine/UNIT-<time>-<pid>/`` (with ``why.txt``),
+        so the unit is no longer committed and the next extraction writes it again; nothing is deleted.
+        Returns that folder; None when a live writer holds the unit (left alone) or it has no files."""
         _check_name("unit", unit)
-        if self.is_committed(unit):
-            raise UnitCommittedError(f"{self.stats_path(unit)}: unit {unit} is already committed; committed "
-                                     "units are immutable (delete the unit's files by hand to redo it)")
-        for p in self.temp_files():
-            t = fsutil.parse_temp(p.name)
-            if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
-                raise UnitBusyError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
-        return get_format(self.spec.format).writer(self, unit)
+        with self.unit_lock(unit) as lock:
+            if not lock.acquire():
+                return None
+            return self._quarantine_dir(unit, why)
+
+    def _quarantine_locked(self, unit: str, why: str) -> int:
+        q = self._quarantine_dir(unit, why)
+        return sum(1 for p in q.iterdir() if p.name != "why.txt") if q is not None else 0
+
+    def _quarantine_dir(self, unit: str, why: str) -> Path | None:
+        parts = [p for p in (self.stats_path(unit), self.index_path(unit), self.data_path(unit)) if p.exists()]
+        if not parts:
+            return None
+        q = self.path / self.QUARANTINE / f"{unit}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        n = 1
+        while q.exists():
+            q, n = q.with_name(f"{q.name.rsplit('~', 1)[0]}~{n}"), n + 1
+        q.mkdir(parents=True)
+        (q / "why.txt").write_text(why.rstrip() + "\n")
+        for p in parts:  # stats first: from its rename on, no reader takes the unit for committed
+            os.rename(p, q / p.name)
+        fsutil.fsync_path(q)
+        fsutil.fsync_path(self.path)
+        return q
+
+    def open_unit(self, unit: str) -> UnitWriter:
+        """A writer for ``unit`` in this expert's format. Refuses a committed unit or one being written.
+
+        The writer holds the unit's lock until its commit ends (or it aborts). A unit left with a stats
+        file but without its data or index is quarantined first, so that it can be written again."""
+        _check_name("unit", unit)
+        lock = self.unit_lock(unit)
+        if not lock.acquire():
+            raise UnitBusyError(f"{lock.path}: unit {unit} is being written by {_lock_owner(lock.path)}; "
+                                "one writer per unit")
+        try:
+            if self.is_committed(unit):
+                raise UnitCommittedError(f"{self.stats_path(unit)}: unit {unit} is already committed; committed "
+                                         "units are immutable (delete the unit's files by hand to redo it)")
+            for p in self.temp_files():
+                t = fsutil.parse_temp(p.name)
+                if t is not None and t.unit == unit and t.pid != os.getpid() and t.owner_alive():
+                    raise UnitBusyError(f"{p}: unit {unit} is being written by process {t.pid}; one writer per unit")
+            if self.stats_path(unit).exists():
+                self._quarantine_dir(unit, "stats file present, data or index gone (found when opening the unit)")
+            w = get_format(self.spec.format).writer(self, unit)
+        except BaseException:
+            lock.release()
+            raise
+        w._lock = lock
+        return w
 
     # -- reading ----------------------------------------------------------------------------------
     def _require_committed(self, unit: str) -> None:
@@ -218,42 +300,114 @@ class ExpertDir:
             raise StoreError(f"{p}: index lacks column(s) {missing}")
         return table
 
-    def iter_stored(self, unit: str, *, block_rows: int | None = None
-                    ) -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, str] | None]]:
-        """(index row, (tokens, pooled, outputs_json) in storage dtype or None for failed keys), source order."""
+    def unit_problem(self, unit: str) -> str | None:
+        """Why ``unit`` cannot be read (None when it is committed): what a reader that leaves it out says."""
+        stats, index, data = (self.stats_path(unit).is_file(), self.index_path(unit).is_file(),
+                              self.data_path(unit).exists())
+        if stats and index and data:
+            return None
+        if not (stats or index or data):
+            return "not extracted"
+        if not stats:
+            return "not committed (data or index without a stats file: a writer crashed or is still running)"
+        gone = [n for n, there in (("data", data), ("index", index)) if not there]
+        return (f"MISSING {' and '.join(gone)} (its stats file says committed); "
+                f"repair: {self.repair_command()}, then rerun astrea extract")
+
+    def repair_command(self) -> str:
+        return f"astrea shards verify {self.path.parent.parent} --dataset {self.dataset} --expert {self.name} --repair"
+
+    def damaged_error(self, unit: str, key: str, reason: str) -> DamagedRowError:
+        if reason.startswith(NONFINITE):
+            fix = ("the expert produced them (stats nonfinite_rows); re-extract with --dtype bfloat16 or float32, "
+                   "whose range holds them")
+        else:
+            fix = f"repair: {self.repair_command()}, then rerun astrea extract (it redoes the unit)"
+        where = self.data_path(unit)
+        return DamagedRowError(f"{where}: damaged row: unit {unit}, key {key!r}: {reason}; {fix}",
+                               path=str(where), unit=unit, key=key, reason=reason)
+
+    def _may_hold_nonfinite(self, unit: str) -> bool:
+        # A row whose checksum matches holds exactly the bytes the writer counted: when the writer saw no
+        # inf/NaN in the unit, no row can hold one and the per-row scan is skipped.
+        try:
+            return int(self.stats(unit).get("nonfinite_rows", 1)) != 0
+        except (StoreError, TypeError, ValueError):
+            return True
+
+    def iter_stored(self, unit: str, *, block_rows: int | None = None, verify: bool = True,
+                    check_finite: bool = True, on_damaged: str = "raise",
+                    ) -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, str] | Damaged | None]]:
+        """(index row, (tokens, pooled, outputs_json) in storage dtype, or None for failed keys), source order.
+
+        ``verify``: every ok row is checked against its index checksum, and, when the unit's stats count
+        any inf/NaN (``check_finite``), for finiteness. A row that fails, or that the container cannot give
+        back (undecodable chunk, truncated tar, data and index out of step), is damaged: ``on_damaged=
+        "raise"`` raises :class:`DamagedRowError` naming unit and key; ``"mark"`` yields ``Damaged(reason)``
+        in place of its arrays and goes on with the next row.
+        """
+        if on_damaged not in ("raise", "mark"):
+            raise ValueError(f"on_damaged={on_damaged!r}: use 'raise' or 'mark'")
         table = self.read_index(unit)
         rows = table.select(["key", "status", "error", "caption", "labels", "index", "checksum"]).to_pylist()
+        finite = verify and check_finite and self._may_hold_nonfinite(unit)
+        dtype = self.spec.dtype
         data = get_format(self.spec.format).iter_rows(self.data_path(unit), block_rows)
-        where = self.data_path(unit)
+        broken: str | None = None  # the container cannot be read past this point: every later row is damaged
         for row in rows:
             if row["status"] != STATUS_OK:
                 yield row, None
                 continue
+            reason = broken
+            if broken is None:
+                try:
+                    i, key, t, p, out = next(data)
+                except StopIteration:
+                    reason = broken = "the container ends before this key (truncated)"
+                except Exception as e:  # tarfile / zarr / numpy errors on damaged bytes
+                    reason = broken = f"unreadable ({_describe(e)})"
+                else:
+                    if i != row["index"] or key != row["key"]:
+                        reason = broken = (f"the container holds key {key!r} at row {i} where the index expects "
+                                           f"this key at row {row['index']} (data and index disagree)")
+                    elif isinstance(t, Exception):  # a format that isolates an undecodable chunk
+                        reason = f"unreadable ({_describe(t)})"
+                    elif verify and not check_row(row["checksum"], t, p, out):
+                        reason = "checksum mismatch (the stored bytes differ from what was written)"
+                    elif finite and (nonfinite_in_storage(t, dtype) or nonfinite_in_storage(p, dtype)):
+                        reason = f"{NONFINITE} (inf/NaN in the stored features)"
+            if reason is None:
+                yield row, (t, p, out)
+                continue
+            if on_damaged == "raise":
+                raise self.damaged_error(unit, row["key"], reason)
+            yield row, Damaged(reason)
+        if broken is None:
             try:
-                i, key, t, p, out = next(data)
-            except StopIteration:
-                raise StoreError(f"{where}: ends before key {row['key']!r} that its index lists; the unit is "
-                                 "truncated (run `astrea shards verify`)") from None
-            except StoreError:
-                raise
-            except Exception as e:  # tarfile / zarr / numpy errors on damaged bytes: name the unit
-                detail = e.args[0] if e.args and isinstance(e.args[0], str) else repr(e)
-                raise StoreError(f"{where}: unreadable at key {row['key']!r} ({type(e).__name__}: {detail}); the "
-                                 "unit is damaged (run `astrea shards verify`)") from e
-            if i != row["index"] or key != row["key"]:
-                raise StoreError(f"{where}: row {i} holds key {key!r} but the index expects {row['key']!r} at "
-                                 f"row {row['index']}; data and index disagree (run `astrea shards verify`)")
-            yield row, (t, p, out)
-        extra = next(data, None)
-        if extra is not None:
-            raise StoreError(f"{where}: holds key {extra[1]!r} beyond the keys its index lists")
+                extra = next(data, None)
+            except Exception as e:  # noqa: BLE001 - damage past the last indexed row touches no row
+                extra, broken = None, _describe(e)
+            if extra is not None and on_damaged == "raise":
+                raise StoreError(f"{self.data_path(unit)}: holds key {extra[1]!r} beyond the keys its index lists; "
+                                 f"repair: {self.repair_command()}")
 
-    def iter_unit(self, unit: str, *, include_failed: bool = True, block_rows: int | None = None) -> Iterator[Record]:
+    def iter_unit(self, unit: str, *, include_failed: bool = True, block_rows: int | None = None,
+                  verify: bool = True, on_damaged: str = "raise") -> Iterator[Record]:
         """Every key of a committed unit in source order. Arrays come back in the storage dtype
-        (float16 / float32), bfloat16 as float32; failed keys (``include_failed``) carry no arrays."""
+        (float16 / float32), bfloat16 as float32; failed keys (``include_failed``) carry no arrays.
+
+        Rows are verified (see ``iter_stored``); ``on_damaged="skip"`` yields a damaged row as a Record with
+        ``status="damaged"``, ``error`` saying why and no arrays, instead of raising."""
+        if on_damaged not in ("raise", "skip"):
+            raise ValueError(f"on_damaged={on_damaged!r}: use 'raise' or 'skip'")
         dtype = self.spec.dtype
-        for row, stored in self.iter_stored(unit, block_rows=block_rows):
+        mode = "mark" if on_damaged == "skip" else "raise"
+        for row, stored in self.iter_stored(unit, block_rows=block_rows, verify=verify, on_damaged=mode):
             labels = json.loads(row["labels"]) if row["labels"] else None
+            if isinstance(stored, Damaged):
+                yield Record(row["key"], STATUS_DAMAGED, None, None, None, row["caption"], labels,
+                             stored.reason, unit, row["index"])
+                continue
             if stored is None:
                 if include_failed:
                     yield Record(row["key"], row["status"], None, None, None, row["caption"], labels,
@@ -264,14 +418,58 @@ class ExpertDir:
                          row["caption"], labels, None, unit, row["index"])
 
 
+def _lock_owner(path: Path) -> str:
+    try:
+        host, pid = path.read_text().split()
+        return f"process {pid} (host {host})"
+    except (OSError, ValueError):
+        return "another live process"
+
+
+def _describe(e: BaseException) -> str:
+    detail = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+    detail = " ".join(detail.split())[:300]  # one line: the reason ends up in a one-line error
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+
+
 class Store:
     """A feature store rooted at ``root`` (created on first write)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
 
-    def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+    def check_writable(self, flag: str = "--store") -> None:
+        """Before any work: the root is a directory this process can create files in, or can be created.
+        One StoreError naming the path otherwise (a file, a read-only filesystem, no permission). Creates
+        nothing: a job that fails later for another reason leaves no empty store behind."""
+        import errno
+
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{flag} {root}: is a file, not a directory; point {flag} at a directory "
+                             "(created when missing)")
+        try:
+            if root.is_dir():
+                probe = fsutil.temp_path(root / ".write-probe")
+                with open(probe, "xb"):
+                    pass
+                probe.unlink()
+                return
+            parent = root.parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            # access(2) reports a read-only filesystem (EROFS) even to root, without writing anything
+            if not os.access(parent, os.W_OK | os.X_OK):
+                ro = os.statvfs(parent).f_flag & os.ST_RDONLY
+                code = errno.EROFS if ro else errno.EACCES
+                raise OSError(code, os.strerror(code), str(parent))
+        except OSError as e:
+            where = e.filename or root
+            raise StoreError(f"{flag} {root}: cannot write there ({e.strerror or type(e).__name__}: {where}); "
+                             f"the store must be writable: fix its permissions or mount, or point {flag} "
+                             "elsewhere") from None
 
     def datasets(self) -> list[str]:
         if not self.root.is_dir():
@@ -279,6 +477,7 @@ class Store:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _dataset_dir(self, dataset: str) -> Path:
+        _check_name("dataset", dataset)  # "../x" would look outside the store
         d = self.root / dataset
         if not d.is_dir():
             if not self.root.is_dir():
@@ -318,8 +517,11 @@ class Store:
         return ExpertDir.open(path, expect=spec)
 
     def resolve(self, dataset: str, ref: str) -> ExpertDir:
-        """``"sam2"`` (the only sam2 directory) or ``"sam2@FINGERPRINT"`` (a prefix is enough) -> ExpertDir."""
-        paths = self.expert_dirs(dataset)
+        """``"sam2"`` (the only sam2 directory) or ``"sam2@FINGERPRINT"`` (a prefix is enough) -> ExpertDir.
+
+        Directories without an ``expert.json`` (a stray ``x@y`` folder, a writer that died before its spec)
+        are not expert directories and do not count."""
+        paths = [p for p in self.expert_dirs(dataset) if (p / SPEC_FILE).is_file()]
         name, _, fp = ref.partition("@")
         by_name = [p for p in paths if p.name.split("@", 1)[0] == name]
         if not by_name:

@@ -10,6 +10,10 @@ everything that makes a unit trustworthy lives here, once:
 
 A crash anywhere leaves no stats file, so readers ignore the unit and the next run's
 ``ExpertDir.cleanup_temp`` removes the leftovers. A committed unit is never overwritten.
+
+The writer holds the unit's lock (``fsutil.UnitLock``, taken by ``ExpertDir.open_unit``) from its
+opening to the end of ``commit`` or ``abort``: cleanup and repair of other processes leave a locked unit
+alone, so the window between the data rename and the stats file is never mistaken for a crash.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from astrea.schemas.unit import (
     failure_kind,
     outputs_to_json,
     row_checksum,
+    stable_reason,
 )
 from astrea.shards import fsutil
 from astrea.shards.dtypes import nonfinite_in_storage, to_storage
@@ -72,6 +77,7 @@ class UnitWriter(ABC):
         self._n_ok = 0
         self._nonfinite = 0
         self._closed = False
+        self._lock: fsutil.UnitLock | None = None  # set by ExpertDir.open_unit; released when done
         self._open(self.tmp)
 
     @classmethod
@@ -130,12 +136,18 @@ class UnitWriter(ABC):
         self._new_key(key)
         self._keys.add(key)
         self._rows.append({
-            "key": key, "status": STATUS_FAILED, "error": str(reason) or "unknown", "caption": caption,
+            "key": key, "status": STATUS_FAILED, "error": stable_reason(str(reason)) or "unknown", "caption": caption,
             "labels": _labels(labels), "index": None, "tokens_shape": None, "pooled_shape": None, "checksum": None,
         })
 
     def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Make the unit visible, durably and atomically. Returns the stats written."""
+        try:
+            return self._commit(extra)
+        finally:  # the unit is committed or this writer's work is gone: either way no longer owned
+            self._release()
+
+    def _commit(self, extra: dict[str, Any] | None) -> dict[str, Any]:
         self._check_open()
         edir = self.edir
         if edir.is_committed(self.unit):
@@ -186,6 +198,11 @@ class UnitWriter(ABC):
         fsutil.write_atomic(edir.stats_path(self.unit), text)
         return stats
 
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def abort(self) -> None:
         """Drop everything written so far. Safe to call twice, and after a failed commit."""
         if not self._closed:
@@ -196,6 +213,7 @@ class UnitWriter(ABC):
             self._closed = True
         fsutil.remove(self.tmp)
         self._rows = []
+        self._release()
 
     def __enter__(self) -> UnitWriter:
         return self

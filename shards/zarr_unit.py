@@ -188,7 +188,10 @@ class ZarrUnitWriter(UnitWriter):
 
 
 def iter_rows(path: Path, block_rows: int | None = None) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, str]]:
-    """(index, key, tokens, pooled, outputs_json) in storage dtype, reading chunk-aligned blocks at once."""
+    """(index, key, tokens, pooled, outputs_json) in storage dtype, reading chunk-aligned blocks at once.
+
+    A block that cannot be decoded is read again row by row; a row whose chunk is undecodable comes back
+    with the exception in place of its tokens, so the other rows of the unit stay readable."""
     zarr = _zarr()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -206,7 +209,17 @@ def iter_rows(path: Path, block_rows: int | None = None) -> Iterator[tuple[int, 
         row = int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize
         block_rows = max(c, (READ_BLOCK_BYTES // max(1, row)) // c * c)
     for start in range(0, n, block_rows):
-        block = tokens[start:start + block_rows]
-        for j in range(block.shape[0]):
-            i = start + j
-            yield i, str(keys[i]), block[j], pooled[i], str(outputs[i])
+        stop = min(start + block_rows, n)
+        try:
+            block = tokens[start:stop]
+        except Exception:  # noqa: BLE001 - a damaged chunk: isolate it below, one row at a time
+            block = None
+        for i in range(start, stop):
+            if block is not None:
+                t = block[i - start]
+            else:
+                try:
+                    t = tokens[i]
+                except Exception as e:  # noqa: BLE001 - this row's chunk: handed to the caller, which names the key
+                    t = e
+            yield i, str(keys[i]), t, pooled[i], str(outputs[i])

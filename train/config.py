@@ -106,6 +106,8 @@ class DataConfig:
     fit_targets: bool = True
     target_check: int = 64  # training targets scanned per rank at each stage start; a warning says what is lost
     prefetch: int = 2  # batches read ahead by a background thread (0: read inline)
+    # A row whose bytes fail their checksum (or hold inf/NaN) stops the run; true skips and counts it.
+    skip_damaged: bool = False
 
 
 @dataclass
@@ -181,6 +183,12 @@ class TrainConfig:
                 raise TrainError(f"config field {name}={_get(self, name)!r}: {fix}")
         if len(set(self.stages)) != len(self.stages):
             raise TrainError(f"config field stages={self.stages}: a stage is listed twice")
+        out, store = Path(self.out).expanduser().resolve(), Path(self.store).expanduser().resolve()
+        if out == store or out.is_relative_to(store):
+            # A run directory inside the store would be listed as a dataset (and its checkpoints
+            # walked by `astrea shards`); runs and features live apart.
+            raise TrainError(f"config field out={self.out!r} is inside the feature store {self.store}; "
+                             "put the run directory elsewhere (--out RUN outside --from-shards)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

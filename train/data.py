@@ -9,6 +9,10 @@
   that epoch) is checkpointed, and a resumed stream skips exactly that many records.
 - A background thread reads and collates ``prefetch`` batches ahead; the trainer times how long it
   waits for each batch (the data-wait fraction).
+- Every row is verified by the store reader (checksum, inf/NaN). A damaged row stops the run with one
+  line naming unit, key and repair command, unless ``dataset.skip_damaged``: then it is skipped and
+  counted in :class:`StoreReadLog`, which the run summary reports with the units the store lists but
+  could not join.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,17 +41,52 @@ def is_heldout(key: str, fraction: float) -> bool:
     return h < fraction * 2**64
 
 
+@dataclass
+class StoreReadLog:
+    """What the store readers of one process left out: shared by every epoch's JoinedDataset."""
+
+    skip_damaged: bool = False
+    damaged: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (expert, unit, key) -> why
+    units_not_joined: dict[str, dict[str, str]] = field(default_factory=dict)  # unit -> {expert: why}
+
+    def to_dict(self, limit: int = 20) -> dict[str, Any]:
+        rows = sorted(self.damaged.items())
+        return {
+            "skip_damaged": self.skip_damaged,
+            "damaged_rows_skipped": len(rows),
+            "damaged": [f"{e}/{u}/{k}: {why}" for (e, u, k), why in rows[:limit]],
+            "units_not_joined": self.units_not_joined,
+        }
+
+
+SKIP_HINT = "or train without damaged rows (skipped and counted): --set dataset.skip_damaged=true"
+
+
+def _checked(ds: Any) -> Iterator[dict[str, Any]]:
+    from astrea.shards.errors import DamagedRowError
+
+    try:
+        yield from ds
+    except DamagedRowError as e:
+        raise TrainError(f"{e.args[0]}; {SKIP_HINT}") from None
+
+
 def store_opener(
-    store: str, dataset: str, experts: list[str], *, seed: int, rank: int, world_size: int
+    store: str, dataset: str, experts: list[str], *, seed: int, rank: int, world_size: int,
+    log: StoreReadLog | None = None,
 ) -> OpenEpoch:
-    """A function opening one epoch of the store's joined records for this rank."""
+    """A function opening one epoch of the store's joined records for this rank (rows verified)."""
+    log = log if log is not None else StoreReadLog()
 
     def open_epoch(epoch: int, shuffle: bool) -> Iterable[dict[str, Any]]:
         from astrea.shards import JoinedDataset, Store
 
-        ds = JoinedDataset(Store(store), dataset, experts, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        ds = JoinedDataset(Store(store), dataset, experts, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                           on_damaged="skip" if log.skip_damaged else "raise")
+        ds.damaged = log.damaged  # one count across epochs and stages: a row skipped twice is one row
+        log.units_not_joined.update(ds.units_not_joined)
         ds.set_epoch(epoch)
-        return ds
+        return _checked(ds)
 
     return open_epoch
 

@@ -252,7 +252,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, store_opener, with_permuted_features
+    from astrea.train.data import Collator, StoreReadLog, store_opener, with_permuted_features
+    from astrea.train.metrics import dumps_strict
     from astrea.train.main_stage import MainStage
     from astrea.train.moe import RoutingStats
 
@@ -266,8 +267,9 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     # One pass over the store collects the held-out records with every expert any stage reads; each stage
     # and task then collates them from memory (8 passes over a large store would read it 8 times).
     union = list(dict.fromkeys(e for s in lr.stages for e in s.required_experts()))
-    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1), frac,
-                           ecfg.max_samples)
+    store_log = StoreReadLog(skip_damaged=cfg.dataset.skip_damaged)
+    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1, log=store_log),
+                           frac, ecfg.max_samples)
 
     collators: dict[str, Collator] = {}
 
@@ -299,6 +301,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         # per task (content lost) and whole items dropped to fit (data.Collator.counts)
         "targets": {},
         "notes": [],
+        "store": store_log.to_dict(),
     }
     # The control beside every held-out number: the same texts, each image's features replaced by another
     # held-out image's (a derangement). A model that ignores the image scores the same on both.
@@ -388,7 +391,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             "they say nothing about the method's quality"
         )
     run_dir = Path(ecfg.run)
-    (run_dir / EVAL_JSON).write_text(json.dumps(out, indent=2))
+    (run_dir / EVAL_JSON).write_text(dumps_strict(out))
     (run_dir / EVAL_MD).write_text(eval_markdown(out))
     return out
 

@@ -112,9 +112,13 @@ def _load_pretrained(name: str, *, local_only: bool) -> LoadedLLM:
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file in a local directory raises whatever its parser raises
+        if not isinstance(e, OSError) and not is_path:
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        what = first if isinstance(e, OSError) else f"{type(e).__name__}: {first}"
         raise TrainError(
-            f"llm.name={name!r} could not be loaded ({str(e).splitlines()[0][:200]}). Give a local directory "
+            f"llm.name={name!r} could not be loaded ({what}). Give a local directory "
             "with a saved causal LM, download it first (huggingface-cli download), or use --llm tiny-random "
             "for a random-weight test model"
         ) from None

@@ -4,16 +4,34 @@
 "lr", "tokens_per_s", "samples_per_s", "data_wait", ...}``, ``{"kind": "heldout", "stage", "step",
 "loss_reg", "samples"}`` and, at each stage start, ``{"kind": "targets", "stage", "step": 0, "checked",
 "truncated_targets", "fitted_targets", "cut_<task>", "dropped_<task>"}`` (the stage's first training
-targets against ``dataset.max_text_tokens``; see ``Trainer.check_targets``). A resumed run appends;
-readers keep the last row per (kind, stage, step). Only rank 0 writes.
+targets against ``dataset.max_text_tokens``; see ``Trainer.check_targets``). A resumed run first drops
+the rows the killed run logged after its checkpoint (``trim_metrics``), then appends: each (kind, stage,
+step) is in the file once. Non-finite numbers are written as ``null`` (strict JSON). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every inf/NaN float replaced by None: strict JSON readers reject bare ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, indent: int | None = 2) -> str:
+    """JSON text with no bare NaN/Infinity (they become null)."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
 
 
 class Metrics:
@@ -37,7 +55,7 @@ class Metrics:
             return
         row = {"time": round(time.time(), 3), **row}
         assert self._f is not None
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(dumps_strict(row, indent=None) + "\n")
         if self._tb is not None:
             step = int(row.get("global_step", row.get("step", 0)))
             prefix = f"{row.get('kind', 'train')}/{row.get('stage', '')}"
@@ -72,6 +90,31 @@ class Metrics:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def trim_metrics(path: str | Path, global_step: int, stage: str) -> int:
+    """Before a resume from the checkpoint at ``global_step`` (in ``stage``): drop the rows the killed run
+    logged after it (and a line cut mid-write), which the resumed run logs again. Returns rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        g = r.get("global_step")
+        if isinstance(g, int) and (g > global_step or (g == global_step and r.get("stage") != stage)):
+            dropped += 1  # after the checkpoint, or the next stage's held-out-before at the same step
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)
+    return dropped
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -131,12 +131,22 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
             save_llm(llm, llm_dir)
     dist.barrier()
 
+    if resume is not None and dist.is_main:
+        from astrea.train.metrics import trim_metrics
+
+        trim_metrics(run_dir / "metrics.jsonl", resume["state"]["global_step"], resume["state"]["stage"])
     metrics = Metrics(run_dir, enabled=dist.is_main, progress=cfg.progress)
     try:
         trainer = Trainer(cfg, model, stages, dist, device, run_dir, metrics)
         results = trainer.fit(resume)
     finally:
         metrics.close()
+    from astrea.train.distributed import all_sum
+    from astrea.train.metrics import dumps_strict
+
+    store = trainer.store_log.to_dict()
+    # ranks read disjoint units: the run skipped the sum of what each rank skipped
+    store["damaged_rows_skipped"] = int(all_sum([store["damaged_rows_skipped"]], device, dist.world_size)[0])
     summary = {
         "run": str(run_dir),
         "llm": _llm_info(llm),
@@ -150,9 +160,10 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
              "data_wait_fraction": r.data_wait_s / r.seconds if r.seconds else None}
             for r in results
         ],
+        "store": store,
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "summary.json").write_text(dumps_strict(summary))
     return summary
 
 
@@ -184,11 +195,12 @@ def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
     """The warm-up callable for build_llm: the run's own prompts and targets, training split only."""
 
     def warm(model, tokenizer) -> dict[str, Any]:
-        from astrea.train.data import is_heldout, store_opener
+        from astrea.train.data import StoreReadLog, is_heldout, store_opener
         from astrea.train.text_warmup import collect_texts, warm_up
 
         experts = list(dict.fromkeys(e for s in stages for e in s.required_experts()))
-        opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1)
+        opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1,
+                              log=StoreReadLog(skip_damaged=cfg.dataset.skip_damaged))
         records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
         stats = stages[0].ctx.stats if stages else None
         before = dict(stats.dropped) if stats else {}

@@ -23,7 +23,9 @@ def resolve_experts(
         raise TrainError(
             f"dataset {dataset!r} is not in the store {store_root}; it holds {sorted(datasets) or 'no datasets'}"
         )
-    available = {_spec(e).expert: e for e in store.experts(dataset)}
+    # By directory name: a broken or stray EXPERT@FP directory only matters to a run that needs that
+    # expert (its resolve below reports it), not to every run on the dataset.
+    available = {p.name.split("@", 1)[0] for p in store.expert_dirs(dataset)}
     problems = []
     specs: dict[str, Any] = {}
     for name in needed:
@@ -32,7 +34,7 @@ def resolve_experts(
         if name not in available:
             problems.append(
                 f"expert {name!r} (needed by {needed_by.get(name, 'the run')}) is not in {store_root}/{dataset}; "
-                f"it holds {sorted(available) or 'no experts'}. Extract it (astrea extract --experts {name}) "
+                f"it holds {sorted(available) or 'no experts'}. Extract it (astrea extract --expert {name}) "
                 f"or pick another expert for that stage (stage_experts / target_sources)"
             )
             continue

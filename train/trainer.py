@@ -24,6 +24,7 @@ from astrea.train.data import (
     Collator,
     Position,
     Prefetcher,
+    StoreReadLog,
     batches,
     heldout_batches,
     scan_targets,
@@ -88,6 +89,7 @@ class Trainer:
         self.global_step = 0
         self.results: list[StageResult] = []
         self.collators: dict[str, Collator] = {}
+        self.store_log = StoreReadLog(skip_damaged=cfg.dataset.skip_damaged)
 
     # -- helpers ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -124,7 +126,8 @@ class Trainer:
                 fit_targets=self.cfg.dataset.fit_targets,
             )
         opener = store_opener(
-            self.cfg.store, self.cfg.data, experts, seed=self.cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size
+            self.cfg.store, self.cfg.data, experts, seed=self.cfg.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size, log=self.store_log,
         )
         return opener, self.collators[stage.name]
 
@@ -220,6 +223,19 @@ class Trainer:
             self.ckpt.finish(tmp, name, keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
 
+    def _nonfinite_loss(self, stage: Stage, step: int, local: list[str]) -> None:
+        if local:
+            value, keys = local[0], local[1:]
+            shown = ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            what = f"the loss is {value} on the batch with keys {shown}"
+        else:
+            what = f"the loss is not finite on rank(s) other than {self.dist.rank} (their log names the keys)"
+        raise TrainError(
+            f"stage {stage.name}, step {step} (global step {self.global_step}): {what}; the run stopped without "
+            "saving this step. Check those rows (astrea shards verify), lower optim.lr, or train with "
+            "precision=fp32; resume from the last checkpoint with --resume"
+        )
+
     def save_stage(self, stage: Stage, result: StageResult) -> None:
         if not self.dist.is_main:
             return
@@ -284,6 +300,7 @@ class Trainer:
         try:
             while step < total:
                 loss_reg_acc, extras_acc = 0.0, {}
+                nonfinite: list[str] = []  # this rank's batch keys whose loss was inf/NaN
                 for _ in range(o.grad_accum):
                     t0 = time.perf_counter()
                     batch, pos = next(stream)
@@ -296,6 +313,8 @@ class Trainer:
                         loss_reg, _ = self.model.lm_loss(visual, b["input_ids"], b["attention_mask"], b["labels"])
                         extras = stage.extra_losses(self.model, b, visual)
                     loss = loss_reg + sum(extras.values()) if extras else loss_reg
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        nonfinite = nonfinite or [f"{float(loss.detach())}", *batch["keys"]]
                     (loss / o.grad_accum).backward()
                     loss_reg_acc += float(loss_reg.detach()) / o.grad_accum
                     for k, v in extras.items():
@@ -317,6 +336,8 @@ class Trainer:
                 self.global_step += 1
                 vals = all_sum([loss_reg_acc, *extras_acc.values()], self.device, self.dist.world_size)
                 vals = [v / self.dist.world_size for v in vals]
+                if not all(math.isfinite(v) for v in vals):  # every rank sees the sum: all stop together
+                    self._nonfinite_loss(stage, step, nonfinite)
                 result.last_loss = vals[0] + sum(vals[1:])
                 if step % cfg.log_every == 0 or step == total:
                     dt = time.perf_counter() - t_log

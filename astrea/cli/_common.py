@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,6 +14,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class AstreaError(Exception):
     """An error with a message meant for the user (what went wrong and how to fix it)."""
+
+
+_FS_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT, errno.EIO,
+              errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def user_errors(fn: F) -> F:
@@ -39,12 +44,19 @@ def user_errors(fn: F) -> F:
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(2) from None
         except OSError as e:
-            if e.errno == 28:  # ENOSPC
+            if e.errno == errno.ENOSPC:
                 typer.echo(
                     f"error: no space left on device ({e.filename or 'store'}). Nothing committed was lost; "
                     "free space (or point --store at a larger disk) and rerun: finished units are skipped.",
                     err=True,
                 )
+                raise typer.Exit(2) from None
+            if e.errno in _FS_ERRNOS:
+                # The filesystem refused (read-only, permissions, a file where a folder should be...):
+                # the path and the reason say it all; a traceback would add nothing.
+                where = f" ({e.filename})" if e.filename else ""
+                typer.echo(f"error: {e.strerror or type(e).__name__}{where}. Nothing committed was lost; "
+                           "fix the path or its permissions and rerun", err=True)
                 raise typer.Exit(2) from None
             raise
 

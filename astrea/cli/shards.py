@@ -125,18 +125,24 @@ def register(app: typer.Typer) -> None:
         dataset: Optional[str] = dataset_opt,
         expert: Optional[str] = expert_opt,
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        repair: bool = typer.Option(False, "--repair", help="Move corrupt and missing units aside "
+                                    "(EXPERT_DIR/.quarantine/) so the next `astrea extract` redoes them, and "
+                                    "clean up what crashed writers left. Units being written are left alone."),
     ) -> None:
         """Recompute every checksum (index against its stats file, every stored row against the index) and
-        report corrupt, missing and uncommitted units. Exit code 1 when anything is wrong."""
+        report corrupt, missing and uncommitted units. Exit code 1 when anything was wrong (repaired or not)."""
         from astrea.shards.audit import verify as run_verify
 
         st = _store(store)
-        rep = run_verify(st, dataset, expert)
+        rep = run_verify(st, dataset, expert, repair=repair)
         if as_json:
             typer.echo(json.dumps(rep.to_dict(), indent=2))
         else:
             for p in rep.problems:
-                typer.echo(f"{p.kind.upper():12s} {p.path}: {p.detail}")
+                typer.echo(f"{p.kind.upper():12s} {p.path}: {p.detail}" + (f" [repaired: {p.repaired}]" if p.repaired else ""))
+            if rep.quarantined:
+                typer.echo(f"repaired: {len(rep.quarantined)} unit(s) moved aside; rerun `astrea extract` with the "
+                           "same experts and data to write them again")
             verdict = "OK" if rep.ok else f"{len(rep.problems)} problem(s)"
             typer.echo(f"{verdict}: {rep.experts} expert dir(s), {rep.units_checked} unit(s), "
                        f"{rep.rows_checked} key(s) checked in {st.root}")

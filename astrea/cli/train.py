@@ -141,6 +141,15 @@ def format_summary(summary: dict) -> str:
             if cut:
                 what.append("targets cut (content lost): " + ", ".join(f"{k} {v}" for k, v in cut.items()))
             lines.append(f"{s['name']}: {t.get('targets', 0)} targets vs dataset.max_text_tokens, " + "; ".join(what))
+    store = summary.get("store") or {}
+    if store.get("damaged_rows_skipped"):
+        lines.append(f"store: {store['damaged_rows_skipped']} damaged row(s) skipped (dataset.skip_damaged): "
+                     + "; ".join(store.get("damaged", [])[:3]) + (" ..." if store["damaged_rows_skipped"] > 3 else ""))
+    if store.get("units_not_joined"):
+        nj = store["units_not_joined"]
+        shown = "; ".join(f"{u} ({', '.join(f'{e}: {why}' for e, why in v.items())})" for u, v in list(nj.items())[:3])
+        lines.append(f"store: {len(nj)} unit(s) not read (not committed for every expert): {shown}"
+                     + (" ..." if len(nj) > 3 else ""))
     drops = summary.get("target_render_drops") or {}
     if drops:
         lines.append("expert outputs dropped from targets: " + ", ".join(f"{k} x{v}" for k, v in drops.items()))

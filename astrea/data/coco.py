@@ -117,7 +117,7 @@ class CocoShard(ShardBase):
             if image_dir is None:
                 yield Sample(key, None, caption, labels, f"missing image: no image folder for split {img['split']!r}")
                 continue
-            data, problem = read_file(image_dir / rel, rel, self.source.max_image_bytes)
+            data, problem = read_file(image_dir / rel, rel, self.source.max_image_bytes, image_dir)
             yield Sample(key, data, caption, labels, problem)
 
 

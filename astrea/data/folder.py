@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,35 +36,74 @@ FORMAT = "folder"
 DEFAULT_SHARD_SIZE = 1000
 
 
-def read_file(path: Path, rel: str, max_bytes: int) -> tuple[bytes | None, str | None]:
-    """(bytes, None) or (None, reason): a file that cannot be read is a failed sample, not a crash."""
+SIDECAR_MAX_BYTES = 1 << 20  # a caption or labels file; anything bigger is not one
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_file(path: Path, rel: str, max_bytes: int, root: Path | None = None) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, reason): a file that cannot be read is a failed sample, not a crash.
+
+    Only regular files inside ``root`` are read: a FIFO would block the job forever and a device
+    (``/dev/zero`` behind a symlink) never ends, so neither is opened for a blocking read; a symlink
+    leading out of the source is refused. ``max_bytes`` is enforced while reading, not only from the
+    size the file claims (a file that grows, a filesystem that lies)."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            return None, f"file too large: {rel!r} is {size:,} bytes (limit max_image_bytes={max_bytes:,})"
-        data = path.read_bytes()
+        if root is not None and path.exists() and not path.resolve().is_relative_to(root.resolve()):
+            return None, f"outside the source: {rel!r} is a symlink to a file outside the source folder"
+        # O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None, f"missing image: {rel!r} not found"
     except OSError as e:
-        return None, f"unreadable: {rel!r}: {e.strerror or e}"
+        return None, f"unreadable: {rel!r}: {e.strerror or type(e).__name__}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"not a regular file: {rel!r} is {_kind(st.st_mode)}"
+        if st.st_size > max_bytes:
+            return None, f"file too large: {rel!r} is {st.st_size:,} bytes (limit max_image_bytes={max_bytes:,})"
+        chunks, n = [], 0
+        while True:
+            b = os.read(fd, min(1 << 20, max_bytes + 1 - n))
+            if not b:
+                break
+            chunks.append(b)
+            n += len(b)
+            if n > max_bytes:
+                return None, f"file too large: {rel!r} grew past the limit max_image_bytes={max_bytes:,} while read"
+        data = b"".join(chunks)
+    except OSError as e:
+        return None, f"unreadable: {rel!r}: {e.strerror or type(e).__name__}"
+    finally:
+        os.close(fd)
     if not data:
         return None, f"empty file: {rel!r} is 0 bytes"
     return data, None
 
 
-def _sidecar_text(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip() or None
-    except OSError:
+def _sidecar_text(path: Path, root: Path | None = None) -> str | None:
+    if not path.exists() and not path.is_symlink():
         return None
+    data, _ = read_file(path, path.name, SIDECAR_MAX_BYTES, root)
+    return data.decode("utf-8", errors="replace").strip() or None if data else None
 
 
-def _sidecar_labels(path: Path) -> tuple[dict[str, Any], str | None]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+def _sidecar_labels(path: Path, root: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    if not path.exists() and not path.is_symlink():
         return {}, None
-    except (OSError, ValueError) as e:
+    raw, problem = read_file(path, path.name, SIDECAR_MAX_BYTES, root)
+    if raw is None:
+        return {}, f"bad json: {problem}"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
         return {}, f"bad json: {path.name!r}: {str(e)[:100]}"
     return (data, None) if isinstance(data, dict) else ({}, f"bad json: {path.name!r} is not an object")
 
@@ -84,15 +124,15 @@ class FolderShard(ShardBase):
             path = self.root / rel
             stem = path.with_suffix("")
             key = unique_key(key_from_relpath(rel), rel, used)
-            caption = _sidecar_text(stem.with_name(stem.name + ".txt"))
-            labels, bad_json = _sidecar_labels(stem.with_name(stem.name + ".json"))
+            caption = _sidecar_text(stem.with_name(stem.name + ".txt"), self.root)
+            labels, bad_json = _sidecar_labels(stem.with_name(stem.name + ".json"), self.root)
             labels = {**labels, "path": rel}
             if bad_json:  # a malformed sidecar only loses the labels; the image is still usable
                 labels["labels_error"] = bad_json
             if not is_image:
                 yield Sample(key, None, caption, labels, f"missing image: {rel!r} has no image beside it")
                 continue
-            data, problem = read_file(path, rel, self.max_image_bytes)
+            data, problem = read_file(path, rel, self.max_image_bytes, self.root)
             yield Sample(key, data, caption, labels, problem)
 
 
@@ -121,6 +161,8 @@ class FolderSource:
                     images.add(rel)
                 elif f.lower().endswith(".txt"):
                     texts.append(rel)
+        if not images:  # captions alone are not an image dataset
+            return []
         stems = {r.rsplit(".", 1)[0] for r in images}
         orphans = [t for t in texts if t.rsplit(".", 1)[0] not in stems]
         return sorted([(r, True) for r in images] + [(t, False) for t in orphans])

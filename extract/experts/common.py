@@ -42,7 +42,9 @@ def decode_image(data: bytes | None, *, max_pixels: int = MAX_PIXELS):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise BadImageError("too large: decompression bomb limit") from None
     except Exception as e:  # PIL raises many types for corrupt data
-        raise BadImageError(f"undecodable: {type(e).__name__}: {str(e)[:120]}") from None
+        from astrea.schemas.unit import stable_reason
+
+        raise BadImageError(f"undecodable: {type(e).__name__}: {stable_reason(str(e))[:120]}") from None
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise BadImageError(f"too small: {w}x{h}")

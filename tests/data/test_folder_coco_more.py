@@ -46,11 +46,13 @@ def test_folder_symlinks(tmp_path):
     d.mkdir()
     (d / "real.jpg").write_bytes(jpeg())
     os.symlink(outside, d / "linked_dir")  # a linked folder is not walked (no cycles, no surprises)
-    os.symlink(outside / "o.jpg", d / "linked.jpg")  # a linked file is the user's own choice: read
+    os.symlink(outside / "o.jpg", d / "linked.jpg")  # out of the tree: refused (issue 14, item 5)
+    os.symlink(d / "real.jpg", d / "inside.jpg")  # a link that stays inside the folder is read
     os.symlink(tmp_path / "nowhere.jpg", d / "dangling.jpg")
     by_key = {s.key: s for s in _all(open_source(str(d), format="folder"))}
-    assert set(by_key) == {"dangling", "linked", "real"}
-    assert by_key["linked"].ok and by_key["real"].ok
+    assert set(by_key) == {"dangling", "inside", "linked", "real"}
+    assert by_key["inside"].ok and by_key["real"].ok
+    assert by_key["linked"].image is None and by_key["linked"].error.startswith("outside the source")
     assert by_key["dangling"].image is None and by_key["dangling"].error.startswith("missing image")
 
 

@@ -178,3 +178,26 @@ def test_storage_error_bounds_and_overflow():
     assert storage_error(x, "bfloat16")["nonfinite"] == 0
     with pytest.raises(ValueError, match="storage dtype"):
         storage_error(x, "int8")
+
+
+def test_undecodable_reason_holds_no_object_address():
+    # PIL names the file object it could not identify, address included: a reason must not change per run
+    reasons = set()
+    for _ in range(2):
+        with pytest.raises(BadImageError) as ei:
+            decode_image(b"plain text, not an image of any kind" * 4)
+        reasons.add(ei.value.args[0])
+    (reason,) = reasons
+    assert reason.startswith("undecodable: UnidentifiedImageError") and "0x" not in reason, reason
+
+
+def test_writer_strips_addresses_from_any_failure_reason(tmp_path):
+    from astrea.shards import Store
+    from tests.shards.helpers import make_spec
+
+    edir = Store(tmp_path).expert_dir("ds", make_spec(), create=True)
+    with edir.open_unit("00000") as w:
+        w.add_failure("a", "forward failed: RuntimeError: <Foo object at 0x7f00deadbeef> broke")
+        w.commit()
+    (rec,) = edir.iter_unit("00000")
+    assert rec.error == "forward failed: RuntimeError: <Foo object> broke"

@@ -554,3 +554,96 @@ def test_an_actor_past_its_restarts_leaves_the_pool_and_with_none_left_the_job_s
     finally:
         ray.kill(actor)
     assert sched.dead == {0}
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_missing_and_damaged_units_are_rewritten_by_a_rerun_with_another_batch_size(tmp_path, source_dir, ray_cluster, fmt):
+    """Issue 14, items 3-4: stats present but data gone (MISSING), and a flipped byte marked by
+    `verify --repair`: the next extract, with another --batch-size, rewrites both, exit 0, verify clean."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+    from astrea.shards import Store
+
+    store = tmp_path / "store"
+    args = ["extract", "--expert", "siglip", "--data", str(source_dir), "--store", str(store), "--small",
+            "--weights", "random", "--shards", "00000-00002", "--no-progress", "--format", fmt]
+    res = CliRunner().invoke(app, [*args, "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    (edir,) = Store(store).experts(Store(store).datasets()[0])
+    before = {u: [r.key for r in edir.iter_unit(u)] for u in ("00000", "00001", "00002")}
+    gone = edir.data_path("00000")
+    shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+    damaged = edir.data_path("00001")
+    if damaged.is_dir():
+        damaged = next(p for p in sorted((damaged / "tokens").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    res = CliRunner().invoke(app, ["shards", "verify", str(store), "--repair"])
+    assert res.exit_code == 1 and "MISSING" in res.output and "CORRUPT" in res.output, res.output
+    res = CliRunner().invoke(app, [*args, "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["shards", "verify", str(store)])
+    assert res.exit_code == 0 and res.output.startswith("OK:"), res.output
+    assert {u: [r.key for r in edir.iter_unit(u)] for u in before} == before
+
+
+def test_failure_reasons_are_deterministic_identical_runs_write_identical_indexes(tmp_path, ray_cluster):
+    """Issue 14, item 6: a shard of bad members extracted twice gives byte-identical index parquets
+    (reasons used to embed object addresses: PIL's ``cannot identify image file <_io.BytesIO object at 0x...>``)."""
+    from astrea.shards import Store
+
+    src = tmp_path / "bad"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    good, _ = _image_bytes(rng, 0)
+    members = [("000000000.jpg", good), ("000000001.jpg", b"plain text, not an image" * 8),
+               ("000000002.png", b"\x89PNG\r\n\x1a\n" + bytes(40)), ("000000003.jpg", good[: len(good) // 4]),
+               ("000000004.jpg", b"GIF89a" + bytes(30))]
+    _write_shard(src, "00000", members, [(m.split(".")[0], None) for m, _ in members])
+    indexes = []
+    for i in range(2):
+        store = tmp_path / f"store{i}"
+        run(_cfg(src, store, ["siglip"]))
+        (edir,) = Store(store).experts(Store(store).datasets()[0])
+        indexes.append(edir.index_path("00000").read_bytes())
+        errors = [r.error for r in edir.iter_unit("00000") if r.error]
+        assert len(errors) == 4 and any("UnidentifiedImageError" in e for e in errors), errors
+        assert not [e for e in errors if "0x" in e], errors
+    assert indexes[0] == indexes[1]
+
+
+def test_store_turning_read_only_mid_job_keeps_the_summary(tmp_path, source_dir, ray_cluster, monkeypatch):
+    """Issue 14, item 7: the store's filesystem goes read-only after the units are written: the job
+    still prints its summary, names what it could not write (the report), and exits 1, no traceback."""
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+    import importlib
+
+    run_mod = importlib.import_module("astrea.extract.run")
+
+    src, mnt = tmp_path / "disk", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root with mount rights)")
+    real = run_mod.ExpertJob._stream
+
+    def stream_then_read_only(self, *a, **kw):  # the disk fails right after the last unit is committed
+        real(self, *a, **kw)
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], capture_output=True).returncode == 0
+
+    monkeypatch.setattr(run_mod.ExpertJob, "_stream", stream_then_read_only)
+    try:
+        res = CliRunner().invoke(app, ["extract", "--expert", "siglip", "--data", str(source_dir), "--store",
+                                       str(mnt / "store"), "--small", "--weights", "random", "--shards", "00000",
+                                       "--batch-size", str(BATCH), "--no-progress"])
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "units: 1 committed" in res.output, res.output
+    assert "STORE ERROR: extract_report.json not written: Read-only file system" in res.output, res.output

@@ -10,10 +10,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_store_io_benchmark_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["store_io.py", "--images", "2", "--grid", "2", "--dim", "8", "--dir", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["store_io.py", "--images", "2", "--grid", "2", "--dim", "8", "--dir", str(tmp_path),
+                                      "--repeat", "1"])
     runpy.run_path(str(ROOT / "benchmarks" / "store_io.py"), run_name="__main__")
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert len(lines) == 1 + 6  # header + 2 npy baselines + 4 store layouts
+    assert len(lines) == (1 + 6) + (1 + 4)  # header + 2 npy baselines + 4 store layouts; verified-read table
     assert any("Zarr v3, float16+zstd" in ln for ln in lines) and any("WebDataset tar" in ln for ln in lines)
     assert list(tmp_path.iterdir()) == []  # cleans up after itself
 

@@ -49,7 +49,7 @@ def test_only_units_committed_for_every_expert_are_read(two_experts):
     store, a, b = two_experts
     write_unit(a, "00005", N)  # siglip ahead of sam2
     ds = JoinedDataset(store, "ds", ["siglip", "sam2"], shuffle=False)
-    assert ds.units == UNITS and ds.units_not_joined == {"00005": ["sam2"]}
+    assert ds.units == UNITS and ds.units_not_joined == {"00005": {"sam2": "not extracted"}}
     with pytest.raises(StoreError, match="not committed for every expert"):
         JoinedDataset(store, "ds", ["siglip", "sam2"], units=["00005"])
 

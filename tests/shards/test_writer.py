@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from astrea.shards import StoreError, UnitCommittedError
+from astrea.shards import StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.dtypes import from_storage, to_storage
 from tests.shards.helpers import features, keys_of, make_spec, write_unit
 
@@ -77,15 +77,21 @@ def test_committed_unit_is_never_overwritten(store, fmt):
     assert {p.name: p.stat().st_mtime_ns for p in edir.path.iterdir()} == before
 
 
-def test_commit_race_second_writer_loses(store):
+def test_second_writer_of_a_unit_is_refused_until_the_first_ends(store):
+    # one writer per unit, in this process too: the unit's lock is held from open_unit to the end of commit
     edir = store.expert_dir("ds", make_spec(), create=True)
     w = edir.open_unit("00000")
     t, p, out = features("a", edir.spec)
     w.add("a", t, p, out)
-    write_unit(edir, "00000")  # another writer commits first
-    with pytest.raises(UnitCommittedError, match="meanwhile"):
-        w.commit()
-    assert edir.temp_files() == [] and [r.key for r in edir.iter_unit("00000")] == keys_of("00000", 6)
+    with pytest.raises(UnitBusyError, match="being written by process"):
+        edir.open_unit("00000")
+    w.commit()
+    with pytest.raises(UnitCommittedError):
+        edir.open_unit("00000")
+    w2 = edir.open_unit("00001")
+    w2.abort()  # an abort lets go of the unit as well
+    edir.open_unit("00001").abort()
+    assert edir.temp_files() == [] and not [p for p in edir.path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -50,7 +50,30 @@ def test_killed_run_resumes_exactly(toy_store, tmp_path):
     assert rc != 0, proc.stderr.read().decode()[-2000:]
 
     run_local(TrainConfig.load(None, {"store": str(toy_store), "data": "toy", "out": str(killed), "resume": True, **SETTINGS}))
+    # each (kind, stage, step) once in the file itself, not only through read_metrics' last-row-wins
+    import json
+
+    raw = [json.loads(ln) for ln in (killed / "metrics.jsonl").read_text().splitlines()]
+    seen = [(r["kind"], r["stage"], r["step"]) for r in raw]
+    assert len(seen) == len(set(seen)), sorted(k for k in seen if seen.count(k) > 1)
     a, b = _losses(ref), _losses(killed)
     assert a.keys() == b.keys() and len([k for k in a if k[0] == "train"]) == 6
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), k
+
+
+def test_trim_metrics_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    import json
+
+    from astrea.train.metrics import trim_metrics
+
+    rows = [{"kind": "heldout", "stage": "caption", "step": 0, "global_step": 0},
+            {"kind": "train", "stage": "caption", "step": 1, "global_step": 1},
+            {"kind": "train", "stage": "caption", "step": 2, "global_step": 2},
+            {"kind": "heldout", "stage": "caption", "step": 2, "global_step": 2},
+            {"kind": "heldout", "stage": "classification", "step": 0, "global_step": 2},
+            {"kind": "train", "stage": "classification", "step": 1, "global_step": 3}]
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "sta')  # cut by the kill
+    assert trim_metrics(p, 2, "caption") == 3
+    assert [json.loads(ln) for ln in p.read_text().splitlines()] == rows[:4]
