@@ -75,6 +75,12 @@ class ResidualConfig:
     # "skip": f' = f + attn (METHOD.md); "attn": f' = attn, the paper's printed Eq. 2.
     reading: str = "skip"
     heads: int = 1
+    # What eval (held-out L_reg, `astrea eval`, the main stage's eval) uses in place of the Bernoulli draw:
+    # "all": w_i = 1, every residual connection added (Eq. 3's p_i in {0, 1}; the training computation of
+    # the draw with all context); "expectation": w_i = p fed into Q (the pre-issue-13 reading, a query
+    # scale training never produced); "average": the output averaged over the 2^n draws, E_w[f'(w)].
+    # Training is the same for all three. Measured: docs/train.md "Residual attention: what it is for".
+    at_eval: str = "all"
 
 
 @dataclass
@@ -151,6 +157,7 @@ class TrainConfig:
 
         try:
             check_choice("residual.reading", self.residual.reading, ("skip", "attn"))
+            check_choice("residual.at_eval", self.residual.at_eval, ("expectation", "average", "all"))
             check_choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
             check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
             check_choice("dataset.target_format", self.dataset.target_format, ("compact", "decimal"))

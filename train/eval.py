@@ -4,6 +4,12 @@ Writes ``RUN/eval.json`` and ``RUN/eval.md``:
 
 - ``heldout.stages[<stage>]``: held-out L_reg (Eq. 1, mean per target token) of every pre-alignment stage,
   with its own cumulative targets and visual path, using the run's final weights;
+- ``heldout.lines[<stage>][<task>]``: nats per held-out sample on each task line of the stage's target (the
+  tokens that spell ``task: ...``; the newlines and EOS are in no line): the loss of one answer, not diluted by
+  the other lines or by the target's length;
+- ``residual_attention[<stage>][<expert>]``: for a pre-alignment stage with earlier experts (residual
+  context), the mean entropy (nats) of the expert's residual attention rows over held-out samples beside
+  ``log_P`` (uniform attention over its P tokens), as eval uses it (``residual_at_eval``);
 - ``heldout.main[<task>]``: the main stage's held-out L_reg per task type (caption, tags, boxes, masks),
   every held-out image asked every task; ``heldout.main_mean`` weights tasks by their target tokens;
 - ``retrieval``: image->text and text->image R@1 / R@5 with the MoCo online embeddings over the held-out
@@ -31,6 +37,8 @@ import torch
 
 from astrea.train.errors import TrainError
 
+IGNORE = -100  # astrea.train.model.IGNORE: label of the tokens that carry no loss
+
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
 
@@ -45,8 +53,14 @@ class EvalConfig:
     device: str = "auto"
     store: str = ""  # the store moved since training: its new path
     weights: str = ""  # a stage weights file / checkpoint dir; default: the run's newest weights
+    # score the same weights with another residual.at_eval (expectation | average | all); "": the run's own
+    residual_at_eval: str = ""
 
     def validate(self) -> None:
+        from astrea.train.residual import AT_EVAL
+
+        if self.residual_at_eval and self.residual_at_eval not in AT_EVAL:
+            raise TrainError(f"eval residual_at_eval={self.residual_at_eval!r} is not valid; choose one of {list(AT_EVAL)}")
         if self.max_samples < 1:
             raise TrainError(f"eval max_samples={self.max_samples} must be >= 1")
         if self.batch_size < 1:
@@ -65,7 +79,9 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(run: str | Path, *, device: str = "auto", store: str = "", weights: str = "") -> LoadedRun:
+def load_run(
+    run: str | Path, *, device: str = "auto", store: str = "", weights: str = "", residual_at_eval: str = ""
+) -> LoadedRun:
     from safetensors.torch import load_file
 
     from astrea.train.config import TrainConfig
@@ -85,8 +101,13 @@ def load_run(run: str | Path, *, device: str = "auto", store: str = "", weights:
     if "target_format" not in (read_config_file(cfg_path).get("dataset") or {}):
         # a run from before issue 13 trained on the decimal text, cut at the limit: score it on that
         cfg.dataset.target_format, cfg.dataset.fit_targets = "decimal", False
+    if "at_eval" not in (read_config_file(cfg_path).get("residual") or {}):
+        # a run from before issue 13.4 was scored with w = p: score it the same way (--residual-at-eval to change)
+        cfg.residual.at_eval = "expectation"
     if store:
         cfg.store = store
+    if residual_at_eval:
+        cfg.residual.at_eval = residual_at_eval
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     stages = build_stages(cfg)
     needed: dict[str, str] = {}
@@ -240,6 +261,44 @@ class _LossSum:
         return self.loss / self.tokens if self.tokens else None
 
 
+class _LineNats:
+    """Nats per sample on each task line of the target (see the module doc, ``heldout.lines``)."""
+
+    def __init__(self) -> None:
+        self.nats: dict[str, float] = {}
+        self.samples: dict[str, int] = {}
+
+    def add(self, token_losses: torch.Tensor, labels: torch.Tensor, targets: list[str], n_tokens: Any) -> None:
+        from astrea.train.templates import TASKS
+
+        for i, target in enumerate(targets):
+            losses = token_losses[i][labels[i] != IGNORE].tolist()  # the target's tokens, in order
+            start = 0
+            for line in target.split("\n"):
+                end = start + len(line)
+                task = line.split(":", 1)[0]
+                if task in TASKS and ":" in line:
+                    a, z = n_tokens(target[:start]), n_tokens(target[:end])
+                    self.nats[task] = self.nats.get(task, 0.0) + sum(losses[a:z])
+                    self.samples[task] = self.samples.get(task, 0) + 1
+                start = end + 1
+
+    def value(self) -> dict[str, float]:
+        return {t: self.nats[t] / self.samples[t] for t in self.nats}
+
+
+def _entropy_summary(ent: torch.Tensor, held: list[dict[str, Any]], expert: str, context: list[str]) -> dict[str, Any]:
+    used = ent[~ent.isnan()]
+    tokens = int(held[0]["experts"][expert]["tokens"].shape[0]) if held else 0
+    return {
+        "context": list(context),
+        "entropy": float(used.mean()) if len(used) else None,
+        "log_P": math.log(tokens) if tokens else None,
+        "tokens": tokens,
+        "samples": int(len(used)),
+    }
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = dict(batch)
     for k in ("input_ids", "attention_mask", "labels"):
@@ -258,7 +317,8 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     from astrea.train.moe import RoutingStats
 
     ecfg.validate()
-    lr = load_run(ecfg.run, device=ecfg.device, store=ecfg.store, weights=ecfg.weights)
+    lr = load_run(ecfg.run, device=ecfg.device, store=ecfg.store, weights=ecfg.weights,
+                  residual_at_eval=ecfg.residual_at_eval)
     cfg, model = lr.cfg, lr.model
     frac = cfg.dataset.heldout_fraction
     if frac <= 0:
@@ -293,8 +353,10 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         "llm": lr.info.get("llm", {"source": cfg.llm.name}),
         "experts_random_weights": lr.info.get("experts_random_weights", {}),
         "heldout_fraction": frac,
-        "heldout": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
-        "heldout_permuted": {"stages": {}, "main": {}, "main_mean": None, "samples": {}},
+        "heldout": {"stages": {}, "lines": {}, "main": {}, "main_mean": None, "samples": {}},
+        "heldout_permuted": {"stages": {}, "lines": {}, "main": {}, "main_mean": None, "samples": {}},
+        "residual_at_eval": cfg.residual.at_eval,
+        "residual_attention": {},
         "retrieval": None,
         "routing": None,
         # held-out targets against dataset.max_text_tokens, per stage (and main/<task>): targets cut
@@ -309,14 +371,26 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         if isinstance(stage, MainStage):
             continue
         bs = list(scored(stage, stage.render, stage.name))
+        n_tokens = collators[stage.name].n_tokens
+        ent: dict[str, list[torch.Tensor]] = {}
         for part, batches_ in (("heldout", bs), ("heldout_permuted", with_permuted_features(bs, seed=cfg.seed))):
-            acc = _LossSum()
+            acc, lines = _LossSum(), _LineNats()
             for b in batches_:
                 b = _to_device(b, lr.device)
-                loss, n, _ = lreg(stage, b)
-                acc.add(loss, n, len(b["keys"]))
+                tl = model.token_losses(stage.visual_tokens(model, b), b["input_ids"], b["attention_mask"], b["labels"])
+                n = (b["labels"] != IGNORE).sum()
+                acc.add(tl.sum() / n.clamp(min=1), n, len(b["keys"]))
+                lines.add(tl, b["labels"], b["targets"], n_tokens)
+                if part == "heldout" and hasattr(stage, "residual_entropy"):
+                    for e, v in stage.residual_entropy(model, b).items():
+                        ent.setdefault(e, []).append(v.float().cpu())
             out[part]["stages"][stage.name] = acc.value()
             out[part]["samples"][stage.name] = acc.samples
+            out[part]["lines"][stage.name] = lines.value()
+        if ent:
+            out["residual_attention"][stage.name] = {
+                e: _entropy_summary(torch.cat(v), held, e, getattr(stage, "context_experts", [])) for e, v in ent.items()
+            }
 
     main = next((s for s in lr.stages if isinstance(s, MainStage)), None)
     if main is None:
@@ -424,6 +498,27 @@ def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
                   "| stage | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {s} | {_f(v)} | {_f(hp['stages'].get(s))} | {_f(_gain(v, hp['stages'].get(s)))} | "
                   f"{h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
+        lines.append("")
+    if any(h.get("lines", {}).values()):
+        lines += [f"{heading}# Held-out nats per sample on each target line", "",
+                  "The loss of one answer line (`task: ...`), summed over its tokens, per sample: not diluted by "
+                  "constant text elsewhere in the target.", "",
+                  "| stage | line | nats/sample | permuted images | image gain |", "|---|---|---:|---:|---:|"]
+        for s_, per in h["lines"].items():
+            for t, v in per.items():
+                pv = (hp.get("lines") or {}).get(s_, {}).get(t)
+                lines.append(f"| {s_} | {t} | {_f(v)} | {_f(pv)} | {_f(_gain(v, pv))} |")
+        lines.append("")
+    ra = m.get("residual_attention") or {}
+    if ra:
+        lines += [f"{heading}# Residual attention on held-out images (at eval: {m.get('residual_at_eval', '-')})", "",
+                  "| stage | expert | context | entropy (nats) | log P (uniform) | entropy / log P | samples |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for s_, per in ra.items():
+            for e, r in per.items():
+                ratio = r["entropy"] / r["log_P"] if r.get("entropy") is not None and r.get("log_P") else None
+                lines.append(f"| {s_} | {e} | {', '.join(r['context'])} | {_f(r['entropy'], '.3f')} | "
+                             f"{_f(r['log_P'], '.3f')} | {_f(ratio, '.3f')} | {r['samples']} |")
         lines.append("")
     if h["main"]:
         lines += [f"{heading}# Main stage: held-out L_reg per task type", "",

@@ -39,7 +39,9 @@ class AstreaModel(nn.Module):
         r = cfg.residual
         self.residuals = nn.ModuleDict(
             {
-                e: RandomResidualAttention(self.hidden_size, p=r.p, gamma=r.gamma, reading=r.reading, heads=r.heads)
+                e: RandomResidualAttention(
+                    self.hidden_size, p=r.p, gamma=r.gamma, reading=r.reading, heads=r.heads, at_eval=r.at_eval
+                )
                 for e in expert_dims
             }
         )
@@ -70,6 +72,24 @@ class AstreaModel(nn.Module):
         are -100. The mean is over all target tokens of the batch (long targets weigh more, as in
         LLaVA), so Eq. 1's sum is this mean times the token count.
         """
+        logits = self._text_logits(visual, input_ids, attention_mask)
+        count = (labels != IGNORE).sum()
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return loss_sum / count.clamp(min=1), count
+
+    def token_losses(
+        self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token next-token loss [B, N] (nats), 0 where the label is -100 (eval's per-line losses)."""
+        logits = self._text_logits(visual, input_ids, attention_mask)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(labels.shape)
+
+    def _text_logits(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N, V] predicting each text token (position P-1+i predicts text token i)."""
         emb = self.llm.get_input_embeddings()(input_ids)
         b, p = visual.shape[:2]
         n = input_ids.shape[1]
@@ -81,12 +101,7 @@ class AstreaModel(nn.Module):
             out = self.llm(inputs_embeds=inputs, attention_mask=mask, logits_to_keep=n + 1, use_cache=False)
         except TypeError:  # models without logits_to_keep
             out = self.llm(inputs_embeds=inputs, attention_mask=mask, use_cache=False)
-        logits = out.logits[:, -(n + 1) : -1].float()  # position P-1+i predicts text token i
-        count = (labels != IGNORE).sum()
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
-        return loss_sum / count.clamp(min=1), count
+        return out.logits[:, -(n + 1) : -1].float()
 
     # -- saving -----------------------------------------------------------------------------------
     def astrea_state_dict(self) -> dict[str, torch.Tensor]:

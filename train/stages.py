@@ -181,6 +181,18 @@ class AlignStage(Stage):
                 out.append(model.project(e, batch["tokens"][e]))
         return torch.cat(out, dim=1)
 
+    @torch.no_grad()
+    def residual_entropy(self, model: AstreaModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per trained expert, the per-sample mean entropy (nats) of its residual attention rows [B], as the
+        model's mode (train: a draw; eval: ``residual.at_eval``) uses it; {} when the stage has no context."""
+        context = [model.project(e, batch["tokens"][e]) for e in self.context_experts]
+        if not context:
+            return {}
+        return {
+            e: model.residuals[e].attention_entropy(model.project(e, batch["tokens"][e]), context)
+            for e in self._experts
+        }
+
 
 def _experts_of(stages: list[str], cfg: TrainConfig) -> list[str]:
     out = []

@@ -101,28 +101,38 @@ def routing_world(root: str | Path, *, images: int = 480, grid: int = 2, dim: in
 
 
 def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: int = 16, noise: float = 0.2,
-                   seed: int = 0, dataset: str = "residual", per_unit: int = 120) -> World:
-    """Where-is-the-object (caption expert) x what-is-in-each-cell (classification expert)."""
+                   seed: int = 0, dataset: str = "residual", per_unit: int = 120, colours: int = 4,
+                   where_in_caption: bool = False) -> World:
+    """Where-is-the-object (caption expert) x what-is-in-each-cell (classification expert).
+
+    By default every caption is "an object": no target text says where the object is, so the tags line (the
+    object's colour, one of ``colours`` words) is the only answer, and the only way to it is to read the
+    classification expert's tokens where the caption expert points. ``where_in_caption=True`` captions
+    "object in cell r c" instead: the earlier expert's "where" is then also a line of the cumulative target
+    (the paper's anti-forgetting use), and a model can lower the loss by passing "where" through without
+    ever reading the colour there (measured in docs/train.md)."""
     rng = np.random.default_rng(seed)
     p = grid * grid
     pos = rng.normal(size=(p, dim))  # positional code: real experts' tokens know where they are
-    colour = rng.normal(size=(len(WORDS), dim))
+    colour = rng.normal(size=(colours, dim))
     where = rng.normal(size=(p, dim))
     names = [f"cell {r} {c}" for r in range(grid) for c in range(grid)]
     rows = []
     for i in range(images):
-        cells = rng.integers(len(WORDS), size=p)
+        cells = rng.integers(colours, size=p)
         obj = int(rng.integers(p))
         ram = pos + colour[cells] + noise * rng.normal(size=(p, dim))
         # the caption expert knows where the object is, everywhere (a global descriptor), nothing of colours
         sig = np.broadcast_to(where[obj], (p, dim)) + noise * rng.normal(size=(p, dim))
         word = WORDS[int(cells[obj])]
         rows.append({
-            "key": f"s{i:06d}", "caption": f"object in {names[obj]}",
+            "key": f"s{i:06d}", "caption": f"object in {names[obj]}" if where_in_caption else "an object",
             "tokens": {"siglip": sig, "ram_plus": ram},
-            "outputs": {"ram_plus": {"tags": [word], "scores": [0.9]}},
+            # the answer key, for diagnostics (where the attention should look); no target reads it
+            "outputs": {"ram_plus": {"tags": [word], "scores": [0.9]}, "siglip": {"world_object_cell": obj}},
         })
     specs = {e: _spec(e, grid, dim, "residual", seed) for e in ("siglip", "ram_plus")}
     _write(Path(root), dataset, specs, rows, per_unit)
     return World(Path(root), dataset, images, ("siglip", "ram_plus"),
-                 "the classification target is the colour of the cell the caption expert points at")
+                 "the classification target is the colour of the cell the caption expert points at"
+                 + ("; the caption says which cell" if where_in_caption else ""))

@@ -46,12 +46,17 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     store: Optional[Path] = typer.Option(None, "--store", help="The store's path if it moved since training."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [default: the run's newest]."),
+    residual_at_eval: Optional[str] = typer.Option(
+        None, "--residual-at-eval",
+        help="Score the same weights with another residual.at_eval: expectation | average | all [default: the run's own].",
+    ),
 ) -> None:
     from astrea.train.eval import EVAL_JSON, EVAL_MD, EvalConfig, evaluate
 
     m = evaluate(
         EvalConfig(run=str(run), max_samples=max_samples, batch_size=batch_size, device=device,
-                   store=str(store) if store else "", weights=str(weights) if weights else "")
+                   store=str(store) if store else "", weights=str(weights) if weights else "",
+                   residual_at_eval=residual_at_eval or "")
     )
     typer.echo((run / EVAL_MD).read_text())
     typer.echo(f"wrote {run / EVAL_JSON} and {run / EVAL_MD}" + (" (RANDOM WEIGHTS)" if any("RANDOM" in n for n in m["notes"]) else ""))

@@ -38,6 +38,7 @@ def test_saved_config_round_trips(tmp_path):
         ({"optim.learning_rate": 1}, r"optim\.learning_rate"),
         ({"steps": "many"}, "steps='many'"),
         ({"residual.reading": "both"}, "residual.reading"),
+        ({"residual.at_eval": "mean"}, "residual.at_eval"),
         ({"steps": 0}, "steps=0"),
         ({"optim.warmup": 1.5}, "optim.warmup"),
         ({"stages": "caption,caption"}, "listed twice"),
