@@ -58,21 +58,35 @@ STATS_KEYS = (
 )
 
 
-CHECKSUM_ALGO = "xxh3_128"  # what new units are written with
+CHECKSUM_ALGO = "xxh3_128"  # what new units are written with (xxhash is a dependency, see pyproject)
 _LEGACY = "sha256"  # bare hex, no prefix: units written before CHECKSUM_ALGO existed
+
+
+def _write_algo() -> str:
+    # An environment built before xxhash joined the dependencies still writes valid, verifiable units
+    # (the older sha256 form, slower to verify) instead of failing every commit.
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return _LEGACY
+    return CHECKSUM_ALGO
 
 
 def _hasher(algo: str) -> Any:
     if algo == "xxh3_128":
-        import xxhash
-
+        try:
+            import xxhash
+        except ImportError:
+            raise ValueError("this unit's rows carry xxh3_128 checksums: install xxhash (pip install xxhash, "
+                             "a dependency of astrea) to read it") from None
         return xxhash.xxh3_128()
     if algo == _LEGACY:
         return hashlib.sha256()
     raise ValueError(f"unknown row checksum algorithm {algo!r} (this astrea reads xxh3_128 and sha256)")
 
 
-def row_checksum(tokens_stored: np.ndarray, pooled_stored: np.ndarray, outputs_json: str, algo: str = CHECKSUM_ALGO) -> str:
+def row_checksum(tokens_stored: np.ndarray, pooled_stored: np.ndarray, outputs_json: str, algo: str | None = None) -> str:
+    algo = algo or _write_algo()
     h = _hasher(algo)
     for a in (tokens_stored, pooled_stored):
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))  # no copy when already so

@@ -92,9 +92,11 @@ class Metrics:
             self._tb = None
 
 
-def trim_metrics(path: str | Path, global_step: int, stage: str) -> int:
+def trim_metrics(path: str | Path, global_step: int, stage: str, *, stage_done: bool = True) -> int:
     """Before a resume from the checkpoint at ``global_step`` (in ``stage``): drop the rows the killed run
-    logged after it (and a line cut mid-write), which the resumed run logs again. Returns rows dropped."""
+    logged after it (and a line cut mid-write), which the resumed run logs again. Returns rows dropped.
+
+    A stage resumed mid-way (``stage_done`` false) re-logs its stage-start ``targets`` row: the old one goes."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -106,6 +108,9 @@ def trim_metrics(path: str | Path, global_step: int, stage: str) -> int:
             dropped += 1
             continue
         g = r.get("global_step")
+        if not stage_done and r.get("kind") == "targets" and r.get("stage") == stage:
+            dropped += 1
+            continue
         if isinstance(g, int) and (g > global_step or (g == global_step and r.get("stage") != stage)):
             dropped += 1  # after the checkpoint, or the next stage's held-out-before at the same step
             continue

@@ -134,7 +134,8 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     if resume is not None and dist.is_main:
         from astrea.train.metrics import trim_metrics
 
-        trim_metrics(run_dir / "metrics.jsonl", resume["state"]["global_step"], resume["state"]["stage"])
+        st = resume["state"]
+        trim_metrics(run_dir / "metrics.jsonl", st["global_step"], st["stage"], stage_done=st["done"])
     metrics = Metrics(run_dir, enabled=dist.is_main, progress=cfg.progress)
     try:
         trainer = Trainer(cfg, model, stages, dist, device, run_dir, metrics)

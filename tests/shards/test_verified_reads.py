@@ -173,3 +173,19 @@ def test_uncommitted_unit_is_still_refused(zarr_dir):
     zarr_dir.stats_path("00000").unlink()
     with pytest.raises(StoreError, match="not committed"):
         list(zarr_dir.iter_unit("00000"))
+
+
+def test_without_xxhash_units_are_written_with_sha256_and_still_verified(store, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # an environment built before xxhash was a dependency
+    e = store.expert_dir("ds", make_spec("siglip"), create=True)
+    write_unit(e, "00000", N)
+    idx = pq.read_table(e.index_path("00000")).column("checksum").to_pylist()
+    assert all(checksum_algo(c) == "sha256" and len(c) == 64 for c in idx)
+    assert len(list(e.iter_unit("00000"))) == N and verify(store).ok
+    monkeypatch.delitem(sys.modules, "xxhash")
+    write_unit(e, "00001", N)  # and such an environment names what it lacks when it meets xxh3 rows
+    monkeypatch.setitem(sys.modules, "xxhash", None)
+    with pytest.raises(StoreError, match="install xxhash"):
+        list(e.iter_unit("00001"))

@@ -77,3 +77,8 @@ def test_trim_metrics_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_
     p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "sta')  # cut by the kill
     assert trim_metrics(p, 2, "caption") == 3
     assert [json.loads(ln) for ln in p.read_text().splitlines()] == rows[:4]
+    # resumed mid-stage: the stage logs its stage-start "targets" row again, so the old one goes
+    targets = {"kind": "targets", "stage": "caption", "step": 0, "global_step": 0}
+    p.write_text("".join(json.dumps(r) + "\n" for r in [targets, *rows[:3]]))
+    assert trim_metrics(p, 1, "caption", stage_done=False) == 2
+    assert [json.loads(ln) for ln in p.read_text().splitlines()] == rows[:2]
