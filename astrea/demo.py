@@ -30,12 +30,16 @@ class DemoConfig:
     shards: int = 4
     steps: int = 100  # optimizer steps per training stage
     # The paper aligns to a pretrained LLM. The demo's tiny LLM is random, so it first gets a text-only
-    # warm-up on the sample's training-split targets (llm.text_warmup_*), then stays frozen through
-    # pre-alignment. lr 3e-3: the paper's 1e-4 is for batch 128 over 500k steps, not 60 steps of 4.
+    # warm-up on the sample's training-split targets (llm.text_warmup_*), then trains with the stages
+    # (freeze_llm=False; the paper does not say whether its LLM is frozen in pre-alignment). Measured on
+    # this sample (docs/train.md): the image gain per stage is 0.03-0.04 nats/token with the LLM trained,
+    # 0.006-0.024 with it frozen, at grid 12. lr 1e-3: the paper's 1e-4 is for batch 128 over many
+    # thousands of steps, not 100 steps of 4.
     text_warmup_steps: int = 400
     text_warmup_epochs: float = 20.0  # passes over the training texts, at most text_warmup_steps
-    lora: bool = False
-    lr: float = 3e-3
+    freeze_llm: bool = False
+    lora: bool = False  # LoRA adapters instead of the whole LLM (needs freeze_llm=True to mean anything)
+    lr: float = 1e-3
     heldout_fraction: float = 0.25  # of 120 images: ~30 held out, scored with true and permuted images
     # Random-weight detectors fire everywhere: at most 8 boxes per image (and so 8 SAM2 box prompts) keep
     # the targets short enough to fit dataset.max_text_tokens and SAM2 fast enough for a CPU demo.
@@ -45,7 +49,9 @@ class DemoConfig:
     address: str | None = None  # an existing Ray cluster; None: a local one for the demo
     num_cpus: int | None = None
     format: str = "zarr"
-    grid: int = 24  # the paper's 576 visual tokens per expert
+    # 12x12 = 144 tokens per expert on CPU (the paper's 576 is --grid 24): a training step costs about half,
+    # which buys the 160 images the permuted-image control needs within the demo's time budget.
+    grid: int = 12
     seed: int = 0
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
@@ -112,6 +118,7 @@ def run(cfg: DemoConfig) -> Path:
     tcfg = TrainConfig.load(None, {
         "store": str(store), "data": "sample", "out": str(run_dir), "steps": cfg.steps,
         "batch_size": cfg.batch_size, "seed": cfg.seed, "llm.name": "tiny-random", "llm.lora": cfg.lora,
+        "llm.freeze": cfg.freeze_llm or cfg.lora,
         "optim.lr": cfg.lr, "dataset.heldout_fraction": cfg.heldout_fraction, "save_every": 0,
         "llm.text_warmup_steps": cfg.text_warmup_steps, "llm.text_warmup_epochs": cfg.text_warmup_epochs,
     })
@@ -194,7 +201,7 @@ Extraction: {xreport.get('images_ok', 0)} expert-images ok, {xreport.get('images
 
 Run directory: `{rel(run_dir)}`; its report with the loss and routing plots: [{rel(run_report)}]({rel(run_report)}).
 Demo training settings: {cfg.steps} steps per stage, batch {cfg.batch_size}, peak lr {cfg.lr:g},
-{"LoRA adapters on the LLM" if cfg.lora else "the LLM frozen"} after a text-only warm-up of
+{"LoRA adapters on the LLM" if cfg.lora else ("the LLM frozen" if cfg.freeze_llm else "the whole LLM trained")} after a text-only warm-up of
 {cfg.text_warmup_steps} steps, held-out fraction {cfg.heldout_fraction:g}. Which choices are the paper's
 and which are ours: docs/train.md ("The LLM").
 
@@ -241,19 +248,26 @@ def _image_use(metrics: dict[str, Any]) -> tuple[str, bool]:
             "Held-out L_reg (nats per target token) of each pre-alignment stage with the true images, and with "
             "each held-out image's features replaced by another held-out image's (same texts). The gain is what "
             "the visual path contributes.", "",
-            "| stage | L_reg, true images | L_reg, permuted images | image gain | clears " + f"{GAIN_TARGET:g} |",
-            "|---|---:|---:|---:|---|"]
-    ok = bool(h.get("stages"))
+            "| stage | L_reg, true images | L_reg, permuted images | image gain | gain > 0 | gain >= " + f"{GAIN_TARGET:g} |",
+            "|---|---:|---:|---:|---|---|"]
+    ok = positive = bool(h.get("stages"))
     for name, true in (h.get("stages") or {}).items():
         perm = (hp.get("stages") or {}).get(name)
         gain = perm - true if isinstance(true, int | float) and isinstance(perm, int | float) else None
         passed = gain is not None and gain >= GAIN_TARGET
-        ok = ok and passed
-        rows.append(f"| {name} | {_fmt(true)} | {_fmt(perm)} | {_fmt(gain)} | {'yes' if passed else '**no**'} |")
-    verdict = (f"**Every pre-alignment stage uses the image**: held-out loss with true images is at least "
-               f"{GAIN_TARGET:g} nats/token below the permuted control." if ok else
-               f"**Not every pre-alignment stage clears the {GAIN_TARGET:g} nats/token image gain** on this run; "
-               "more images (`--images`) or steps (`--steps`) help.")
+        ok, positive = ok and passed, positive and gain is not None and gain > 0
+        rows.append(f"| {name} | {_fmt(true)} | {_fmt(perm)} | {_fmt(gain)} | {'yes' if gain is not None and gain > 0 else '**no**'} "
+                    f"| {'yes' if passed else 'no'} |")
+    if ok:
+        verdict = (f"**Every pre-alignment stage uses the image**: held-out loss with true images is at least "
+                   f"{GAIN_TARGET:g} nats/token below the permuted control.")
+    elif positive:
+        verdict = (f"**Every pre-alignment stage uses the image** (true images score below the permuted control), "
+                   f"but not every stage by the {GAIN_TARGET:g} nats/token this project aims for on the sample; more "
+                   "images (`--images`) and steps (`--steps`) widen the gap.")
+    else:
+        verdict = ("**Not every pre-alignment stage uses the image on this run** (a gain of 0 or less); more images "
+                   "(`--images`) and steps (`--steps`) help.")
     return "\n".join(rows + ["", verdict]), ok
 
 

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
             "--text-warmup-steps",
             help="Text-only warm-up of the tiny LLM on the sample's training-split targets before pre-alignment "
                  "(0: a purely random LLM, which learns no image dependence).")] = _D.text_warmup_steps,
-        lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters on the LLM in every stage (default: frozen).")] = _D.lora,
+        freeze_llm: Annotated[bool, typer.Option("--freeze-llm", help="Keep the (warmed-up) LLM frozen in every stage (default: it trains with the stages).")] = _D.freeze_llm,
+        lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters on a frozen LLM instead of the whole LLM.")] = _D.lora,
         fmt: Annotated[str, typer.Option("--format", help="Store format: zarr or wds.")] = _D.format,
         address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster to run on (default: a local one).")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars (logs only).")] = False,
@@ -40,5 +41,5 @@ def register(app: typer.Typer) -> None:
         from astrea.demo import run
 
         run(DemoConfig(out=out, images=images, shards=shards, steps=steps, batch_size=batch_size, grid=grid,
-                       text_warmup_steps=text_warmup_steps, lora=lora, format=fmt, address=address,
+                       text_warmup_steps=text_warmup_steps, freeze_llm=freeze_llm, lora=lora, format=fmt, address=address,
                        progress=not no_progress))
