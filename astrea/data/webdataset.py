@@ -100,13 +100,14 @@ class WebDatasetShard(ShardBase):
         stem = self.tar.name[: -len(".tar")]
         stats = self.tar.with_name(f"{stem}_stats.json")
         try:
-            n = json.loads(stats.read_text()).get("successes")
+            # is_file(): only regular files; opening a FIFO named like a sidecar would block forever
+            n = json.loads(stats.read_text()).get("successes") if stats.is_file() else None
             if isinstance(n, int) and n >= 0:
                 return n
         except (OSError, ValueError, AttributeError):
             pass
         parquet = self.tar.with_name(f"{stem}.parquet")
-        if parquet.exists():
+        if parquet.is_file():
             try:
                 status = _read_index(parquet, ["status"]).column("status").to_pylist()
                 return sum(1 for s in status if s == "success")
@@ -149,6 +150,9 @@ class WebDatasetShard(ShardBase):
     def _listed_successes(self) -> list[str]:
         parquet = self.tar.with_name(self.tar.name[: -len(".tar")] + ".parquet")
         if not parquet.exists():
+            return []
+        if not parquet.is_file():
+            self.errors.append(f"index {parquet.name} is not a regular file (skipped)")
             return []
         try:
             t = _read_index(parquet, ["key", "status"])

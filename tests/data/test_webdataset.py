@@ -179,3 +179,24 @@ def test_unreadable_parquet_does_not_stop_reading(tmp_path):
     out = list(shard)
     assert [s.key for s in out] == ["a"] and out[0].ok
     assert shard.errors and shard.errors[0].startswith("unreadable index 00000.parquet")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+def test_sidecars_that_are_not_regular_files_never_block(tmp_path):
+    """A FIFO named like img2dataset's parquet or stats file (issue 14, item 5) would block the reader
+    (no writer ever comes); it is skipped with a reason and the tar is read."""
+    import os
+    import threading
+
+    d = tmp_path / "ds"
+    write_tar(d / "00000.tar", _sample_members("a", "x") + _sample_members("b", "y"))
+    os.mkfifo(d / "00000.parquet")
+    os.mkfifo(d / "00000_stats.json")
+    shard = open_source(str(d)).shards()[0]
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(n=len(shard), samples=list(shard)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "a FIFO sidecar blocked the reader"
+    assert out["n"] == 2 and [s.key for s in out["samples"]] == ["a", "b"]
+    assert shard.errors == ["index 00000.parquet is not a regular file (skipped)"]
