@@ -1,7 +1,8 @@
 """`astrea demo`: the whole pipeline on the embedded default, on a laptop-class CPU.
 
-sample data -> extract all four experts (small architectures, random weights, local Ray) -> the four
-pre-alignment stages + the MoE/MoCo main stage with a tiny random LLM -> eval -> report.
+sample data -> extract all four experts (small architectures, random weights, local Ray) -> a text-only
+warm-up of the tiny random-init LLM on the training split's targets -> the four pre-alignment stages + the
+MoE/MoCo main stage -> eval (with the permuted-image control) -> report.
 
 Every step is idempotent: rerunning the demo with the same ``--out`` reuses the sample and the store
 (finished units are skipped) and trains into a fresh run directory, never over an earlier one.

@@ -196,7 +196,7 @@ def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
     """The warm-up callable for build_llm: the run's own prompts and targets, training split only."""
 
     def warm(model, tokenizer) -> dict[str, Any]:
-        from astrea.train.data import StoreReadLog, is_heldout, store_opener
+        from astrea.train.data import Collator, StoreReadLog, is_heldout, store_opener
         from astrea.train.text_warmup import collect_texts, warm_up
 
         experts = list(dict.fromkeys(e for s in stages for e in s.required_experts()))
@@ -205,7 +205,17 @@ def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
         records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
         stats = stages[0].ctx.stats if stages else None
         before = dict(stats.dropped) if stats else {}
-        texts = collect_texts(records, [r for s in stages for r in s.text_renders()], cfg.llm.text_warmup_texts)
+        # the texts as the stages will see them: fitted to dataset.max_text_tokens by whole items, never cut
+        fit = Collator(lambda rec: None, tokenizer, [], cfg.dataset.max_text_tokens, fit_targets=cfg.dataset.fit_targets)
+
+        def fitted(render):
+            def f(rec):
+                r = render(rec)
+                return None if r is None else fit.encode(r)[2]
+            return f
+
+        renders = [fitted(r) for s in stages for r in s.text_renders()]
+        texts = collect_texts(records, renders, cfg.llm.text_warmup_texts)
         if stats:  # the stages count targets they drop while training; reading texts here is not training
             stats.dropped.clear()
             stats.dropped.update(before)

@@ -59,7 +59,7 @@ def warm_up(model: nn.Module, tokenizer: Any, texts: list[Pair], *, steps: int, 
         p = bos + tokenizer(prompt, add_special_tokens=False).input_ids
         t = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         rows.append(((p + t)[:max_len], len(p)))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)

@@ -97,7 +97,9 @@ def test_text_warmup_reads_the_training_split_only(tmp_path, monkeypatch):
                                  "extras": {"top_k": 1}})
     seen = {}
     monkeypatch.setattr(tw, "warm_up", lambda model, tok, texts, **kw: seen.setdefault("texts", texts) and {})
-    _text_warmup(cfg, build_stages(cfg), torch.device("cpu"))(torch.nn.Linear(1, 1), None)
+    from astrea.train.tokenizer import byte_level_tokenizer
+
+    _text_warmup(cfg, build_stages(cfg), torch.device("cpu"))(torch.nn.Linear(1, 1), byte_level_tokenizer())
     targets = " ".join(t for _, t in seen["texts"])
     held = [r["caption"] for r in records(24) if is_heldout(r["key"], 0.3)]
     train = [r["caption"] for r in records(24) if not is_heldout(r["key"], 0.3)]
