@@ -266,11 +266,14 @@ class MainStage(Stage):
     def text_features(self, model: AstreaModel, captions: list[str], device: torch.device) -> torch.Tensor:
         """Pooled text embedding [B, H] of captions (MoCo's text side input)."""
         c = self.mc.moco
-        tok = model.tokenizer(
-            captions, add_special_tokens=False, truncation=True, max_length=c.max_caption_tokens,
-            padding=True, return_tensors="pt",
-        )
-        ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        # Plain calls, truncated and padded here: a fast tokenizer keeps padding/truncation as state on its
+        # shared backend, and the prefetch thread tokenises batches at the same time (plain calls). A
+        # padding=True call here could race with one of those and come back unpadded (seen in the demo).
+        rows = [model.tokenizer(x, add_special_tokens=False).input_ids[: c.max_caption_tokens] for x in captions]
+        n = max(len(r) for r in rows)
+        pad = model.tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.long, device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows], dtype=torch.long, device=device)
         trainable = any(p.requires_grad for p in model.llm.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             if c.text_encoder == "embeddings":

@@ -215,3 +215,30 @@ def test_train_cli_has_the_ablation_flags():
     assert r.exit_code == 0
     for flag in ("--top-k", "--no-residual", "--no-moco", "--stages"):
         assert flag in r.output
+
+
+def test_moco_text_features_while_another_thread_tokenises():
+    """The prefetch thread tokenises batches while the main thread embeds captions for MoCo; a fast
+    tokenizer's padding state is shared, so a padding=True call raced with it (a demo crashed)."""
+    import threading
+
+    cfg, model, main, collate = setup()
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            model.tokenizer("a photo of a much longer caption than the others, " * 3, add_special_tokens=False)
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        caps = ["a dog", "a photo of thing 12 on the grass", "x"]
+        for _ in range(300):
+            f = main.text_features(model, caps, torch.device("cpu"))
+            assert f.shape == (3, model.hidden_size)
+    finally:
+        stop.set()
+        t.join()
+    # padding does not change a caption's pooled embedding
+    alone = main.text_features(model, ["a dog"], torch.device("cpu"))
+    torch.testing.assert_close(alone[0], f[0])
