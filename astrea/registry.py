@@ -13,10 +13,12 @@ import importlib
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
+from astrea.errors import AstreaError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(AstreaError, KeyError):
     """A name that is not in a registry; the message lists the valid names."""
 
     def __init__(self, kind: str, name: str, valid: list[str]):

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astrea.errors import AstreaError
+
 
 ALL = "all"
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-class ExtractConfigError(ValueError):
+class ExtractConfigError(AstreaError, ValueError):
     """A bad ``ExtractConfig`` field; the message names the field (CLI option) and the fix."""
 
 

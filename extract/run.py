@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from astrea.extract.config import ExtractConfig, ExtractConfigError, ExtractPlan
+from astrea.errors import USER_ERRORS, AstreaError
+from astrea.extract.config import ExtractConfig, ExtractPlan
 
 log = logging.getLogger("astrea.extract")
 
@@ -41,13 +42,13 @@ PROGRESS_EVERY_S = 0.5
 RECOVERY_TIMEOUT_S = 900  # a restarted actor reloads its model: a real-size one may take minutes
 
 
-class ExtractError(RuntimeError):
+class ExtractError(AstreaError, RuntimeError):
     """The job could not run (not: some images failed). The message says what to do."""
 
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Run an extraction job and return its report (also written beside each expert's units)."""
-    return cfg.build().run()
+    return run_plan(cfg.build())
 
 
 # -- Ray session ----------------------------------------------------------------------------------
@@ -90,18 +91,8 @@ def _plan_expert_task(cfg_dict: dict[str, Any], prerequisites: dict[str, str]) -
 def _user_error(e: BaseException, what: str) -> BaseException:
     """A Ray-wrapped failure -> the user's error itself when it is one (weights missing, bad arch...),
     else an :class:`ExtractError` that names what failed."""
-    from astrea.registry import UnknownNameError
-    from astrea.schemas import SpecError
-
-    known: tuple[type[BaseException], ...] = (ExtractError, ExtractConfigError, UnknownNameError, SpecError, FileNotFoundError)
-    try:
-        from astrea.extract.experts.base import BadImageError, WeightsUnavailableError
-
-        known += (WeightsUnavailableError, BadImageError)
-    except ImportError:  # pragma: no cover
-        pass
     cause = _unwrap(e)
-    if isinstance(cause, known):
+    if isinstance(cause, USER_ERRORS):
         return cause
     text = str(cause).strip().splitlines()
     return ExtractError(f"{what} failed: {type(cause).__name__}: {text[-1] if text else ''}")

@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from astrea.errors import AstreaError
+
 SCHEMA_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 FORMATS = ("zarr", "wds")
 
 
-class SpecError(ValueError):
+class SpecError(AstreaError, ValueError):
     """An expert spec that is malformed, or that does not match the directory it was found in."""
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from astrea.errors import AstreaError
 
-class StoreError(ValueError):
+
+class StoreError(AstreaError, ValueError):
     """A store that cannot be read or written as asked (uncommitted unit, corrupt file, name clash...).
 
-    A ValueError so callers guarding store look-ups with ``except ValueError`` keep working; the CLI's
-    ``user_errors`` prints it as one line. (Not an ``AstreaError``: that lives in ``astrea.cli``, whose
-    import pulls in every command module, too heavy for the writer and reader processes.)
+    Also a ValueError so callers guarding store look-ups with ``except ValueError`` keep working; the
+    CLI's ``user_errors`` prints it as one line.
     """
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from astrea.cli._common import AstreaError
+from astrea.errors import AstreaError
 
 
 class TrainError(AstreaError):

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from astrea.cli._common import AstreaError
+from astrea.errors import AstreaError
 from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
 from astrea.train.errors import TrainError
 

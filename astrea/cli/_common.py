@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 import typer
 
+from astrea.errors import USER_ERRORS, AstreaError
+
+__all__ = ["AstreaError", "user_errors"]
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class AstreaError(Exception):
-    """An error with a message meant for the user (what went wrong and how to fix it)."""
 
 
 _FS_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT, errno.EIO,
@@ -21,25 +21,13 @@ _FS_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDI
 
 
 def user_errors(fn: F) -> F:
-    """Print known user-facing errors as `error: ...` (no traceback) and exit 2."""
-    from astrea.registry import UnknownNameError
-    from astrea.schemas import SpecError
-
-    from astrea.shards.errors import StoreError
-
-    known: tuple[type[BaseException], ...] = (AstreaError, UnknownNameError, SpecError, StoreError, FileNotFoundError)
-    try:
-        from astrea.extract.experts.base import BadImageError, WeightsUnavailableError
-
-        known += (WeightsUnavailableError, BadImageError)
-    except Exception:  # pragma: no cover - experts package broken: still report others
-        pass
+    """Print user-facing errors (``astrea.errors.USER_ERRORS``) as `error: ...` (no traceback), exit 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except known as e:
+        except USER_ERRORS as e:
             msg = e.args[0] if e.args else str(e)
             typer.echo(f"error: {msg}", err=True)
             raise typer.Exit(2) from None

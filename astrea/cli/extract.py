@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from astrea.cli._common import AstreaError, user_errors
+from astrea.cli._common import user_errors
 
 HELP = """Run frozen experts over an image source into the feature store (a Ray job).
 
@@ -61,30 +61,27 @@ def extract(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     report_json: Optional[Path] = typer.Option(None, "--report", help="Also write the job report (JSON) here."),
 ) -> None:
-    from astrea.extract import ExtractConfig, ExtractConfigError, ExtractError, format_summary, run
+    from astrea.extract import ExtractConfig, ExtractConfigError, format_summary, run
     from astrea.extract.config import parse_keyed, parse_options
 
-    try:
-        names = ExtractConfig(experts=list(expert), data=data).expert_names()
-        prereqs: dict[str, str] = {}
-        for p in prerequisite:
-            name = p.split("@", 1)[0]
-            if name in prereqs:
-                raise ExtractConfigError(f"--prerequisite: given twice for {name!r}")
-            prereqs[name] = p
-        cfg = ExtractConfig(
-            experts=names, data=data, store=str(store) if store else None, dataset=dataset,
-            source_format=source_format, arch=parse_keyed(arch, field_name="--arch", experts=names),
-            weights=parse_keyed(weights, field_name="--weights", experts=names),
-            options=parse_options(option, experts=names), small=small, format=fmt, dtype=dtype, grid=grid,
-            compute_dtype=compute_dtype, seed=seed, device=device, batch_size=batch_size, workers=workers,
-            num_gpus=num_gpus, cpus_per_task=cpus_per_task, cpus_per_worker=cpus_per_worker, address=address,
-            num_cpus=num_cpus, limit=limit, shards=shards, prerequisites=prereqs,
-            without_prerequisites=without_prerequisites, progress=not no_progress,
-        )
-        report = run(cfg)
-    except (ExtractConfigError, ExtractError) as e:
-        raise AstreaError(e.args[0] if e.args else str(e)) from None
+    names = ExtractConfig(experts=list(expert), data=data).expert_names()
+    prereqs: dict[str, str] = {}
+    for p in prerequisite:
+        name = p.split("@", 1)[0]
+        if name in prereqs:
+            raise ExtractConfigError(f"--prerequisite: given twice for {name!r}")
+        prereqs[name] = p
+    cfg = ExtractConfig(
+        experts=names, data=data, store=str(store) if store else None, dataset=dataset,
+        source_format=source_format, arch=parse_keyed(arch, field_name="--arch", experts=names),
+        weights=parse_keyed(weights, field_name="--weights", experts=names),
+        options=parse_options(option, experts=names), small=small, format=fmt, dtype=dtype, grid=grid,
+        compute_dtype=compute_dtype, seed=seed, device=device, batch_size=batch_size, workers=workers,
+        num_gpus=num_gpus, cpus_per_task=cpus_per_task, cpus_per_worker=cpus_per_worker, address=address,
+        num_cpus=num_cpus, limit=limit, shards=shards, prerequisites=prereqs,
+        without_prerequisites=without_prerequisites, progress=not no_progress,
+    )
+    report = run(cfg)
     typer.echo(format_summary(report))
     if report_json is not None:
         report_json.parent.mkdir(parents=True, exist_ok=True)

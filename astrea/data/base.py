@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from astrea.errors import AstreaError
+
 # Image extensions every reader recognises (lower case, without the dot). Anything else is not an image.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_KEY_LENGTH = 200
@@ -70,7 +72,7 @@ class Source(Protocol):
     def shards(self) -> list[SourceShard]: ...
 
 
-class DataError(ValueError):
+class DataError(AstreaError, ValueError):
     """A data source that cannot be opened or configured; the message names the path / field and the fix."""
 
 

@@ -21,12 +21,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from astrea.errors import AstreaError
 
-class BadImageError(ValueError):
+
+class BadImageError(AstreaError, ValueError):
     """An input image an expert cannot take; the message is the per-key failure reason."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(AstreaError, RuntimeError):
     """Pretrained weights could not be had (offline hub, missing file); the message says how to fix it."""
 
 
