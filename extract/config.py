@@ -283,7 +283,9 @@ def _count(shard: Any) -> int:
 
 @dataclass
 class ExtractPlan:
-    """A validated job: the experts in stage order, the source, the selected shards, the store."""
+    """A validated job: the experts in stage order, the source, the selected shards, the store.
+
+    Run by :func:`astrea.extract.run.run_plan` (this module is below the job and never imports it)."""
 
     config: ExtractConfig
     experts: list[str]
@@ -297,8 +299,3 @@ class ExtractPlan:
     def total_images(self) -> int | None:
         vals = list(self.counts.values())
         return None if any(v is None for v in vals) else sum(vals)  # type: ignore[misc]
-
-    def run(self) -> dict[str, Any]:
-        from astrea.extract.run import run_plan
-
-        return run_plan(self)

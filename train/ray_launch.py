@@ -1,12 +1,15 @@
 """`--workers N [--address ...]`: the same training loop on N Ray Train workers (DDP over gloo/NCCL).
 
 Ray Train's TorchTrainer starts the workers and initialises the process group; each worker then runs
-:func:`astrea.train.runner.run_local`, which finds the group already up and takes its rank from it. The
-store and RUN paths must be visible to every worker (one machine, or a shared filesystem).
+the loop it is handed (:func:`astrea.train.runner.ray_worker`: ``run_local``, which finds the group
+already up and takes its rank from it). Handed in, not imported, so the runner (which calls
+:func:`launch`) and this module do not import each other. The store and RUN paths must be visible to
+every worker (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,8 @@ from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 
 
-def _worker(config: dict[str, Any]) -> None:
-    from astrea.train.runner import run_local
-
-    run_local(TrainConfig.from_dict(config))
-
-
-def launch(cfg: TrainConfig) -> dict[str, Any]:
+def launch(cfg: TrainConfig, worker: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Run ``worker(cfg as a dict)`` on ``cfg.workers`` Ray Train workers; the summary it wrote."""
     import json
 
     import ray
@@ -36,7 +34,7 @@ def launch(cfg: TrainConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=True)
     trainer = TorchTrainer(
-        _worker,
+        worker,
         train_loop_config=d,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=RunConfig(name="astrea-train", storage_path=str(Path(d["out"]) / "ray")),

@@ -38,8 +38,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.workers > 1 and not _in_distributed_env():
         from astrea.train.ray_launch import launch
 
-        return launch(cfg)
+        return launch(cfg, ray_worker)
     return run_local(cfg)
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker's loop (a module-level function, so Ray ships it by reference)."""
+    run_local(TrainConfig.from_dict(config))
 
 
 def run_local(cfg: TrainConfig) -> dict[str, Any]:

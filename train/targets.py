@@ -35,6 +35,11 @@ from typing import Any
 
 import numpy as np
 
+# The stored masks' codec (one, shared with the sam2 expert that writes them); named here as the
+# targets read it.
+from astrea.schemas.mask_rle import decode as decode_rle
+from astrea.schemas.mask_rle import encode as encode_rle
+
 NONE = "none"
 FORMATS = ("compact", "decimal")
 QUANT = 99  # compact coordinates: integer bins 0..QUANT
@@ -262,87 +267,6 @@ def _raster_polygon(pts: list[tuple[float, ...]], size: tuple[int, int]) -> np.n
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-# -- COCO RLE ---------------------------------------------------------------------------------------
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE (``{"size": [h, w], "counts": str | list[int]}``) -> bool mask [h, w].
-
-    Counts alternate background/foreground runs starting with background, over the mask in column-major
-    order; the string form is pycocotools' compressed encoding (5 bits per char, offset 48, with
-    counts after the second stored as a delta to the count two before).
-    """
-    try:
-        h, w = (int(v) for v in rle["size"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("RLE without a valid 'size' [h, w]") from None
-    counts = rle.get("counts")
-    if isinstance(counts, str | bytes):
-        counts = _counts_from_string(counts.decode() if isinstance(counts, bytes) else counts)
-    if not isinstance(counts, list):
-        raise ValueError("RLE counts are neither a string nor a list of ints")
-    try:
-        counts = np.asarray(counts, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ValueError("RLE counts are not all integers") from None
-    if counts.ndim != 1 or (counts < 0).any():
-        raise ValueError("RLE counts must be a flat list of non-negative ints")
-    if int(counts.sum()) != h * w:
-        raise ValueError(f"RLE counts sum to {int(counts.sum())}, size says {h}x{w}")
-    values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True  # runs alternate, background first
-    return np.repeat(values, counts).reshape(w, h).T
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """bool mask [h, w] -> COCO compressed RLE (the inverse of :func:`decode_rle`)."""
-    h, w = mask.shape
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    counts, val, run = [], False, 0
-    for v in flat:
-        if v == val:
-            run += 1
-        else:
-            counts.append(run)
-            val, run = v, 1
-    counts.append(run)
-    return {"size": [h, w], "counts": _counts_to_string(counts)}
-
-
-def _counts_from_string(s: str) -> list[int]:
-    counts: list[int] = []
-    p = 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(s):
-                raise ValueError("truncated RLE string")
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _counts_to_string(counts: list[int]) -> str:
-    out = []
-    for i, c in enumerate(counts):
-        x = c - counts[i - 2] if i > 2 else c
-        more = True
-        while more:
-            ch = x & 0x1F
-            x >>= 5
-            more = not ((x == 0 and not ch & 0x10) or (x == -1 and ch & 0x10))
-            if more:
-                ch |= 0x20
-            out.append(chr(ch + 48))
-    return "".join(out)
 
 
 def mask_polygon(mask: np.ndarray, points: int, *, resolution: int = 32) -> list[tuple[float, float]]:

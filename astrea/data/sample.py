@@ -133,7 +133,7 @@ def _scene(rng: np.random.Generator) -> tuple[Any, str, dict[str, Any]]:
     """A generated image with its exact caption and labels."""
     from PIL import Image, ImageDraw
 
-    from astrea.extract.experts.rle import encode
+    from astrea.schemas.mask_rle import encode
 
     bg_name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     n = int(rng.integers(1, 4))
@@ -375,7 +375,9 @@ def ensure_sample(path: str | Path | None = None, images: int = 24, shards: int 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if register:
-        from astrea.data import catalog_add
+        # The catalog entry catalog_add would write (name checked, format known, path resolved), written
+        # here directly: astrea.data opens this module for `sample`, so importing it back would loop.
+        from astrea import config
 
-        catalog_add("sample", p, "webdataset", check=False)
+        config.set_dataset("sample", {"format": "webdataset", "path": str(p.resolve())})
     return p

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from astrea.extract.experts import rle
+from astrea.schemas import mask_rle as rle
 from astrea.extract.experts.base import (
     spec_from_config,
     Expert,

@@ -46,7 +46,7 @@ def test_img2dataset_layout(sample_dir):
 def test_contents_photos_scenes_and_bad_members(sample_dir):
     from PIL import Image
 
-    from astrea.extract.experts.rle import decode
+    from astrea.schemas.mask_rle import decode
 
     samples = [s for sh in open_source(str(sample_dir)).shards() for s in sh]
     assert len(samples) == 12

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from astrea.extract.experts import rle
+from astrea.schemas import mask_rle as rle
 from astrea.extract.experts import sam as sam_expert
 from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
 from astrea.extract.experts.registry import STAGE_OF_EXPERT, ExpertConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from astrea.extract.experts import rle
+from astrea.schemas import mask_rle as rle
 from astrea.extract.experts import sam2 as sam2_expert
 from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
 from astrea.extract.experts.common import storage_error

@@ -100,9 +100,10 @@ def test_render_without_caption_keeps_other_tasks_and_none_when_empty():
 
 
 def test_reads_the_extractors_rle():
-    """Masks written by the sam2 expert (extract/experts/rle.py) decode to the same pixels here."""
-    from astrea.extract.experts import rle
+    """Masks written by the sam2 expert decode to the same pixels here: one codec (schemas/mask_rle.py)."""
+    from astrea.schemas import mask_rle as rle
 
+    assert decode_rle is rle.decode and encode_rle is rle.encode
     rng = np.random.default_rng(1)
     m = rng.random((13, 17)) > 0.5
     assert np.array_equal(decode_rle(rle.encode(m)), m)

@@ -1,5 +1,9 @@
 """COCO run-length encoding of binary masks, compressed string form (pycocotools-compatible).
 
+The one codec of the masks astrea stores (sam2's ``outputs["masks"][i]["rle"]``): the sam2 expert
+and the sample dataset write it, the trainer's targets read it. Here, in the lowest layer, so that
+every side imports it without importing the others.
+
 Written here rather than depending on pycocotools (a C extension that often fails to build): the
 format is small. Masks are flattened column-major (Fortran order, as COCO does); counts alternate
 runs of 0s and 1s starting with 0s; the string packs each count (delta to the count two back, from
@@ -70,22 +74,41 @@ def encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts_to_string(mask_to_counts(mask))}
 
 
-def decode(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE (compressed string or uncompressed list counts) -> bool [H, W] mask."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
+def _counts(rle: dict[str, Any]) -> list[int]:
+    counts = rle.get("counts") if isinstance(rle, dict) else None
     if isinstance(counts, (bytes, str)):
-        counts = string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
+        return string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
+    if not isinstance(counts, list):
+        raise ValueError("RLE counts are neither a string nor a list of ints")
+    try:
+        arr = np.asarray(counts, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ValueError("RLE counts are not all integers") from None
+    if arr.ndim != 1 or (arr < 0).any():
+        raise ValueError("RLE counts must be a flat list of non-negative ints")
+    return arr.tolist()
+
+
+def decode(rle: dict[str, Any]) -> np.ndarray:
+    """COCO RLE (compressed string or uncompressed list counts) -> bool [H, W] mask.
+
+    Stored data is read, so anything malformed (no size, counts that are not non-negative ints or do
+    not cover the mask) is a ``ValueError`` naming what is wrong, never a mask of another shape."""
+    try:
+        h, w = (int(v) for v in rle["size"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("RLE without a valid 'size' [h, w]") from None
+    counts = _counts(rle)
+    if any(c < 0 for c in counts):
+        raise ValueError("RLE counts must be non-negative")
     if sum(counts) != h * w:
         raise ValueError(f"RLE counts sum to {sum(counts)}, expected {h}x{w}={h * w}")
     values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True
+    values[1::2] = True  # runs alternate, background first
     flat = np.repeat(values, counts)
     return flat.reshape((w, h)).T.copy()
 
 
 def area(rle: dict[str, Any]) -> int:
-    counts = rle["counts"]
-    if isinstance(counts, (bytes, str)):
-        counts = string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
-    return int(sum(counts[1::2]))
+    """Foreground pixels of a COCO RLE, without decoding it."""
+    return int(sum(_counts(rle)[1::2]))
