@@ -45,6 +45,10 @@ class ExpertSpec:
     config: dict[str, Any] = field(default_factory=dict)  # anything else that changes outputs
     prerequisites: dict[str, str] = field(default_factory=dict)  # expert name -> fingerprint it read
     schema_version: int = SCHEMA_VERSION
+    # sha256 of the checkpoint file(s) read ("" for random weights; specs written before it existed
+    # read as ""). Provenance only, outside the fingerprint: two files holding the same tensors (a
+    # .pt and its .safetensors copy) give the same features, which weights_sha256 already follows.
+    weights_file_sha256: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -68,6 +72,7 @@ class ExpertSpec:
         d = dataclasses.asdict(self)
         # Where the weights came from does not change the features; their hash does.
         d.pop("weights")
+        d.pop("weights_file_sha256")
         if not self.random_weights:
             d.pop("seed")
         d["random_weights"] = self.random_weights

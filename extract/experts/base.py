@@ -85,13 +85,16 @@ class Expert:
 
 
 def spec_from_config(cfg: Any, *, expert: str, arch: str, weights_sha256: str, preprocessing: dict,
-                     token_dim: int, pooled_dim: int, config: dict, prerequisites: dict | None = None) -> Any:
+                     token_dim: int, pooled_dim: int, config: dict, prerequisites: dict | None = None,
+                     weights_file_sha256: str = "") -> Any:
     """The ExpertSpec of an expert built from ``cfg`` (an ExpertConfig): the storage fields (weights as
-    given, grid, dtype, format, seed) come from the config, the rest from what the expert measured."""
+    given, grid, dtype, format, seed) come from the config, the rest from what the expert measured
+    (``weights_file_sha256``: the checkpoint file's own hash, "" for random weights)."""
     from astrea.schemas import ExpertSpec
 
     return ExpertSpec(
         expert=expert, arch=arch, weights=cfg.weights, weights_sha256=weights_sha256,
+        weights_file_sha256=weights_file_sha256,
         preprocessing=preprocessing, grid=cfg.grid, token_dim=token_dim, pooled_dim=pooled_dim,
         dtype=cfg.dtype, format=cfg.format, seed=cfg.seed, config=config,
         prerequisites=dict(prerequisites or {}),

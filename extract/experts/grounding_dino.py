@@ -33,12 +33,10 @@ vocabulary is generated in code (see :func:`offline_vocab`), labelled in the spe
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +51,7 @@ from astrea.extract.experts.base import (
 )
 from astrea.extract.experts.common import resample_grid, to_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.weights import is_random, resolve_file
+from astrea.extract.experts.weights import choose, files_sha256, from_pretrained_strict, seeded, snapshot_dir, weight_files
 from astrea.schemas.expert_spec import canonical_json
 
 NAME = "grounding_dino"
@@ -268,51 +266,24 @@ def prompt_text(phrases: list[str]) -> str:
 # ------------------------------------------------------------------------------------------ loading
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Seed the global torch RNG for model init without leaking the seed into the caller's RNG."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _looks_like_path(weights: str) -> bool:
-    return weights.startswith((".", "/", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 def _load(arch_name: str, arch: _Arch, cfg: ExpertConfig, opts: GroundingDinoOptions):
-    """-> (model, processor, tokenizer spec)."""
+    """-> (model, processor, tokenizer spec, checkpoint files' sha256)."""
     from transformers import AutoTokenizer, GroundingDinoForObjectDetection, GroundingDinoImageProcessor
     from transformers import GroundingDinoProcessor
 
-    w = cfg.weights
+    w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
     size = dict(opts.size or arch.size)
-    if is_random(w):
-        with _seeded(cfg.seed):
+    if w.random:
+        with seeded(w.seed):
             model = GroundingDinoForObjectDetection(arch.config())
         image_processor = GroundingDinoImageProcessor(size=size)
         tokenizer = offline_tokenizer()
-        return model, GroundingDinoProcessor(image_processor, tokenizer), _tokenizer_spec(tokenizer)
+        return model, GroundingDinoProcessor(image_processor, tokenizer), _tokenizer_spec(tokenizer), ""
 
-    p = Path(w).expanduser()
-    if p.is_file():
-        raise WeightsUnavailableError(
-            f"grounding_dino: weights {w!r} is a file; pass a transformers snapshot directory holding config.json, "
-            f"model.safetensors, preprocessor_config.json and the tokenizer files "
-            f"(`huggingface-cli download {arch.hub or VARIANTS[DEFAULT].default_weights}`)"
-        )
-    if not p.is_dir():
-        if _looks_like_path(w):
-            raise WeightsUnavailableError(f"grounding_dino: weights path {w!r} does not exist")
-        if arch.hub is None:
-            real = ", ".join(n for n, v in VARIANTS.items() if not v.small)
-            raise WeightsUnavailableError(
-                f"grounding_dino: arch {arch_name!r} is a test-size model: weights must be 'random' or a local "
-                f"snapshot directory, not the hub id {w!r}; for hub weights pick a real arch ({real})"
-            )
-        p = resolve_file(w, None, expert=NAME)  # snapshot_download; offline -> one clear error
+    p = snapshot_dir(w, expert=NAME, arch_name=arch_name, has_hub=arch.hub is not None,
+                     real_archs=(n for n, v in VARIANTS.items() if not v.small),
+                     hub_hint=arch.hub or VARIANTS[DEFAULT].default_weights,
+                     holds="config.json, model.safetensors, preprocessor_config.json and the tokenizer files")
     # Hub snapshots keep the image processor in preprocessor_config.json; transformers 5's
     # save_pretrained writes processor_config.json. Either is a complete snapshot.
     missing = [n for n in ("config.json",) if not (p / n).exists()]
@@ -324,14 +295,15 @@ def _load(arch_name: str, arch: _Arch, cfg: ExpertConfig, opts: GroundingDinoOpt
             f"(`huggingface-cli download {arch.hub or VARIANTS[DEFAULT].default_weights} --local-dir DIR`)"
         )
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(str(p))
+        model = from_pretrained_strict(GroundingDinoForObjectDetection, p, expert=NAME)
         ip_kwargs = {"size": size} if opts.size else {}
         image_processor = GroundingDinoImageProcessor.from_pretrained(str(p), **ip_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:
         raise WeightsUnavailableError(f"grounding_dino: could not load a snapshot from {p}: {e}") from None
-    _check_arch(arch_name, arch, model.config, w)
-    return model, GroundingDinoProcessor(image_processor, tokenizer), _tokenizer_spec(tokenizer)
+    _check_arch(arch_name, arch, model.config, w.given)
+    return (model, GroundingDinoProcessor(image_processor, tokenizer), _tokenizer_spec(tokenizer),
+            files_sha256(weight_files(p)))
 
 
 def _tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
@@ -428,7 +400,7 @@ class GroundingDinoExpert(Expert):
 
     def __init__(
         self, cfg: ExpertConfig, arch_name: str, model: Any, processor: Any, tokenizer_desc: dict[str, Any],
-        opts: GroundingDinoOptions, prerequisites: dict[str, str],
+        opts: GroundingDinoOptions, prerequisites: dict[str, str], *, weights_file_sha256: str = "",
     ) -> None:
         import torch
 
@@ -502,7 +474,7 @@ class GroundingDinoExpert(Expert):
         }
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=arch_name, weights_sha256=weights_sha,
-            preprocessing=self.preprocessing, token_dim=d_model, pooled_dim=d_model,
+            weights_file_sha256=weights_file_sha256, preprocessing=self.preprocessing, token_dim=d_model, pooled_dim=d_model,
             config=config,
             prerequisites=dict(prerequisites),
         )
@@ -720,8 +692,9 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Gro
     arch_name = cfg.resolved_arch()
     arch = _ARCHS[arch_name]
     opts = GroundingDinoOptions.from_options(cfg.options)
-    model, processor, tok_desc = _load(arch_name, arch, cfg, opts)
-    expert = GroundingDinoExpert(cfg, arch_name, model, processor, tok_desc, opts, dict(prerequisites or {}))
+    model, processor, tok_desc, file_sha = _load(arch_name, arch, cfg, opts)
+    expert = GroundingDinoExpert(cfg, arch_name, model, processor, tok_desc, opts, dict(prerequisites or {}),
+                                 weights_file_sha256=file_sha)
     if cfg.device != "cpu":
         expert.to(cfg.device)
     return expert

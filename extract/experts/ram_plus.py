@@ -24,7 +24,6 @@ Tag list and thresholds (the official files are not redistributed with astrea):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import pickle
@@ -45,7 +44,7 @@ from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.ram_plus_model import IMAGENET_MEAN, IMAGENET_STD, RamPlus, RamPlusArch
 from astrea.extract.experts.ram_plus_vocab import vocabulary
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.weights import is_random, resolve_file
+from astrea.extract.experts.weights import check_keys, choose, files_sha256, resolve_file, seeded
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +176,6 @@ def _sha(text: str) -> str:
 # ------------------------------------------------------------------------------------------ weights
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Seed torch for model init without leaking the seed into the caller's RNG."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 # Tensors in the released checkpoint that the RAM++ inference model does not have: ``logit_scale`` is a
 # CLIP-distillation leftover (the official loader drops it with strict=False).
 KNOWN_UNUSED_KEYS = frozenset({"logit_scale"})
@@ -255,18 +244,9 @@ def load_state(model: RamPlus, state: dict[str, Any], *, strict: bool = True, so
     unexpected = [k for k in unexpected if k not in ignored]
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
              for k in sorted(learned & given) if tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with wrong shapes (e.g. {wrong[:3]})")
-        raise CheckpointLayoutError(
-            f"ram_plus: {source} does not match arch layout: {'; '.join(parts)}. Check --arch (the released "
-            f"checkpoint is ram_plus.swin_l_384) and the tag list length; options.strict=False ignores unexpected keys"
-        )
+    check_keys(NAME, source, missing=missing, unexpected=unexpected, mismatched=wrong, error=CheckpointLayoutError,
+               hint="Check --arch (the released checkpoint is ram_plus.swin_l_384) and the tag list length; "
+                    "options.strict=False ignores unexpected keys")
     dtypes = sorted({str(state[k].dtype).removeprefix("torch.") for k in learned})
     merged = {k: state[k].to(torch.float32) if state[k].is_floating_point() else state[k] for k in learned}
     merged.update(derived)
@@ -317,6 +297,7 @@ class RamPlusExpert(Expert):
         config: dict[str, Any],
         max_tags: int | None = None,
         load_report: dict[str, Any] | None = None,
+        weights_file_sha256: str = "",
     ) -> None:
         import torch
 
@@ -339,7 +320,7 @@ class RamPlusExpert(Expert):
         self.pp = preprocessing_spec(a.image_size)
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=self.arch_name, weights_sha256=weights_sha,
-            preprocessing=self.pp, token_dim=a.embed_dim, pooled_dim=a.embed_dim,
+            weights_file_sha256=weights_file_sha256, preprocessing=self.pp, token_dim=a.embed_dim, pooled_dim=a.embed_dim,
             config={
                 "implementation": "astrea.extract.experts.ram_plus_model (official RAM_plus state-dict layout)",
                 "arch": a.to_dict(),
@@ -435,19 +416,18 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
     o = RamPlusOptions.parse(cfg.options)
     arch = ARCHS[arch_name]
     report: dict[str, Any] = {}
-    if is_random(cfg.weights):
+    w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
+    file_sha = ""
+    if w.random:
         tags, vocab_source = _tags_for_random(arch, o)
         arch = dataclasses.replace(arch, num_classes=len(tags))
-        with _seeded(cfg.seed):
+        with seeded(w.seed):
             model = arch.build()
         thr_path = Path(o.thresholds).expanduser() if o.thresholds else None
     else:
-        if VARIANTS[arch_name].small and not Path(cfg.weights).expanduser().exists():
-            raise WeightsUnavailableError(
-                f"ram_plus: arch {arch_name!r} is a test-size model: weights must be 'random' or a local checkpoint, "
-                f"not {cfg.weights!r}; the released weights are arch ram_plus.swin_l_384 ({HUB_ID})"
-            )
-        ckpt = resolve_file(cfg.weights, o.filename, expert=NAME)
+        if VARIANTS[arch_name].small:
+            w.refuse_hub_for_small(NAME, arch_name, [f"ram_plus.swin_l_384 ({HUB_ID})"])
+        ckpt = resolve_file(str(w.path) if w.path else w.hub_id, o.filename, expert=NAME)
         tag_path = _side_file(o.tag_list, ckpt, TAG_LIST_FILE)
         if tag_path is None:
             raise WeightsUnavailableError(
@@ -458,6 +438,7 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
         tags = read_tag_list(tag_path)
         vocab_source = f"file {tag_path.name}"
         state = read_checkpoint(ckpt)
+        file_sha = files_sha256([ckpt])
         n = num_classes_in(state, arch)
         if n != len(tags):
             raise CheckpointLayoutError(
@@ -483,7 +464,7 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
     else:
         thresholds = [DEFAULT_THRESHOLD] * len(tags)
         thr_source = f"uniform {DEFAULT_THRESHOLD} (no thresholds file)"
-        if not is_random(cfg.weights):
+        if not w.random:
             log.warning("ram_plus: no per-class thresholds file; every tag uses %s", DEFAULT_THRESHOLD)
     config = {
         "num_tags": len(tags),
@@ -492,7 +473,8 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Ram
         "thresholds": thr_source,
         "thresholds_sha256": _sha(",".join(repr(t) for t in thresholds)),
     }
-    expert = RamPlusExpert(cfg, model, tags, thresholds, config, max_tags=o.max_tags, load_report=report)
+    expert = RamPlusExpert(cfg, model, tags, thresholds, config, max_tags=o.max_tags, load_report=report,
+                           weights_file_sha256=file_sha)
     if cfg.device != "cpu":
         expert.to(cfg.device)
     return expert

@@ -26,27 +26,16 @@ normalisation, and no real pixel normalises to 0.0 in all three channels (the Im
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from astrea.extract.experts.base import (
-    Expert,
-    ExpertOutput,
-    WeightsUnavailableError,
-    spec_from_config,
-    state_dict_sha256,
-)
-from astrea.extract.experts.common import ensure_rgb, map_features
+from astrea.extract.experts.base import WeightsUnavailableError, spec_from_config, state_dict_sha256
+from astrea.extract.experts.common import ensure_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.sam2 import MaskOptions, Sam2Expert, greedy_mask_nms, _mask_record
-from astrea.extract.experts.weights import is_random, resolve_file
+from astrea.extract.experts.sam_family import EMBED_DIM, MaskOptions, PromptedMaskExpert, variants
+from astrea.extract.experts.weights import choose, files_sha256, from_pretrained_strict, seeded, snapshot_dir, weight_files
 
 NAME = "sam"
-EMBED_DIM = 256
 MASK_THRESHOLD = 0.0  # post_process_masks' default: logits > 0 are foreground
 PREREQUISITES = ("grounding_dino",)  # read by extract.run: extract detector boxes first
 
@@ -91,15 +80,11 @@ _ARCHS: dict[str, _Arch] = {
 
 def _describe(name: str, a: _Arch) -> str:
     v = a.vision
-    text = (f"SAM ViT {v['hidden_size']}w x {v['num_hidden_layers']} at {a.image_size}px, "
+    return (f"SAM ViT {v['hidden_size']}w x {v['num_hidden_layers']} at {a.image_size}px, "
             f"embedding {a.image_size // 16}^2")
-    return text + ("; test/demo size, random weights" if a.hub is None else "")
 
 
-VARIANTS: dict[str, Variant] = {
-    name: Variant(name, EMBED_DIM, EMBED_DIM, a.image_size, _describe(name, a), a.hub, small=a.hub is None)
-    for name, a in _ARCHS.items()
-}
+VARIANTS: dict[str, Variant] = variants(_ARCHS, _describe)
 DEFAULT = "sam.vit_h"
 DEFAULT_SMALL = "sam.tiny"
 
@@ -115,15 +100,6 @@ def mask_options(options: dict[str, Any], image_size: int) -> MaskOptions:
 # ------------------------------------------------------------------------------------------ loading
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _processor(image_size: int):
     from transformers import SamImageProcessor, SamProcessor
 
@@ -134,49 +110,33 @@ def _processor(image_size: int):
     ))
 
 
-def _looks_like_path(weights: str) -> bool:
-    return weights.startswith((".", "/", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
 def _load(arch_name: str, arch: _Arch, cfg: ExpertConfig):
-    """-> (SamModel, SamProcessor): random (seeded), a transformers snapshot dir, or a hub id."""
+    """-> (SamModel, SamProcessor, checkpoint files' sha256): random (seeded), a transformers snapshot
+    dir, or a hub id."""
     from transformers import SamModel, SamProcessor
 
-    w = cfg.weights
-    if is_random(w):
-        with _seeded(cfg.seed):
+    w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
+    if w.random:
+        with seeded(w.seed):
             model = SamModel(arch.config())
-        return model, _processor(arch.image_size)
-    p = Path(w).expanduser()
-    if p.is_file():
-        raise WeightsUnavailableError(
-            f"sam: weights {w!r} is a file; pass a transformers snapshot directory holding config.json, "
-            f"model.safetensors and preprocessor_config.json "
-            f"(`huggingface-cli download {arch.hub or VARIANTS[DEFAULT].default_weights} --local-dir DIR`)"
-        )
-    if not p.is_dir():
-        if _looks_like_path(w):
-            raise WeightsUnavailableError(f"sam: weights path {w!r} does not exist")
-        if arch.hub is None:
-            real = ", ".join(n for n, v in VARIANTS.items() if not v.small)
-            raise WeightsUnavailableError(
-                f"sam: arch {arch_name!r} is a test-size model: weights must be 'random' or a local snapshot "
-                f"directory, not the hub id {w!r}; for hub weights pick a real arch ({real})"
-            )
-        p = resolve_file(w, None, expert=NAME)  # snapshot_download; offline -> one clear error
+        return model, _processor(arch.image_size), ""
+    p = snapshot_dir(w, expert=NAME, arch_name=arch_name, has_hub=arch.hub is not None,
+                     real_archs=(n for n, v in VARIANTS.items() if not v.small),
+                     hub_hint=arch.hub or VARIANTS[DEFAULT].default_weights,
+                     holds="config.json, model.safetensors and preprocessor_config.json")
     if not (p / "config.json").exists():
         raise WeightsUnavailableError(
             f"sam: {p} lacks config.json; it must be a transformers snapshot "
             f"(`huggingface-cli download {arch.hub or VARIANTS[DEFAULT].default_weights} --local-dir DIR`)"
         )
     try:
-        model = SamModel.from_pretrained(str(p))
+        model = from_pretrained_strict(SamModel, p, expert=NAME)
         has_pp = any((p / n).exists() for n in ("preprocessor_config.json", "processor_config.json"))
         processor = SamProcessor.from_pretrained(str(p)) if has_pp else _processor(arch.image_size)
     except (OSError, ValueError) as e:
         raise WeightsUnavailableError(f"sam: could not load a snapshot from {p}: {e}") from None
-    _check_arch(arch_name, arch, model.config, w)
-    return model, processor
+    _check_arch(arch_name, arch, model.config, w.given)
+    return model, processor, files_sha256(weight_files(p))
 
 
 def _check_arch(arch_name: str, arch: _Arch, config: Any, weights: str) -> None:
@@ -195,12 +155,12 @@ def _check_arch(arch_name: str, arch: _Arch, config: Any, weights: str) -> None:
 # ------------------------------------------------------------------------------------------- expert
 
 
-class SamExpert(Expert):
+class SamExpert(PromptedMaskExpert):
     name = NAME
     prerequisites = PREREQUISITES
 
     def __init__(self, cfg: ExpertConfig, arch_name: str, model: Any, processor: Any,
-                 prerequisites: dict[str, str]) -> None:
+                 prerequisites: dict[str, str], *, weights_file_sha256: str = "") -> None:
         import torch
 
         self.cfg = cfg
@@ -232,7 +192,7 @@ class SamExpert(Expert):
             )
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=arch_name, weights_sha256=state_dict_sha256(self.model),
-            preprocessing=self.pp, token_dim=EMBED_DIM, pooled_dim=EMBED_DIM,
+            weights_file_sha256=weights_file_sha256, preprocessing=self.pp, token_dim=EMBED_DIM, pooled_dim=EMBED_DIM,
             config={
                 "library": "transformers SamModel",
                 "image_size": self.image_size,
@@ -296,87 +256,34 @@ class SamExpert(Expert):
             pad_size={"height": s, "width": s},
         )[0]
 
-    def _autocast(self):
+    # -- the prompts (sam_family.PromptedMaskExpert runs the per-image loop)
+
+    def _embed(self, pixels):
+        embed = self.image_embeddings(pixels)
+        return embed, [(embed[i : i + 1], self.valid_size(pixels[i])) for i in range(len(embed))]
+
+    def _decode_boxes(self, boxes, embed, valid: tuple[int, int]):
         import torch
 
-        if self.cfg.compute_dtype == "float32":
-            return contextlib.nullcontext()
-        # Reduced precision through autocast: the prompt encoder builds float32 coordinate features,
-        # which a weight cast would break; the weights stay float32 (and their sha256 with them).
-        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        return torch.autocast(device_type=device_type, dtype=self.compute_dtype)
-
-    # -- prompts
-
-    def _box_masks(self, embed, valid: tuple[int, int], det: Any) -> dict[str, Any]:
-        import torch
-
-        boxes, labels, skipped = Sam2Expert._read_boxes(det, self.opts.max_boxes)
-        out: dict[str, Any] = {"masks": [], "prompt": "boxes"}
-        if skipped:
-            out["skipped_boxes"] = skipped
-        if not boxes:
-            return out
         h, w = valid
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         inp = (torch.tensor(boxes, dtype=torch.float32) * scale)[None].to(embed.device)
         low, iou = self.decode(embed, boxes=inp, multimask=False)
-        masks = self.post_process(low, valid)[:, 0].numpy()
-        scores = iou[:, 0].float().cpu().numpy()
-        for j in range(len(boxes)):
-            m = _mask_record(masks[j], float(scores[j]), labels[j])
-            if m["area"] >= self.opts.min_area:
-                out["masks"].append(m)
-        return out
+        return self.post_process(low, valid)[:, 0].numpy(), iou[:, 0].float().cpu().numpy()
 
-    def _grid_masks(self, embed, valid: tuple[int, int]) -> dict[str, Any]:
+    def _decode_points(self, points, embed, valid: tuple[int, int]):
         import torch
 
-        o = self.opts
-        n = o.points_per_side
         h, w = valid
-        c = (np.arange(n, dtype=np.float32) + 0.5) / n
-        pts = np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(1, -1, 1, 2)  # row-major
-        points = (torch.from_numpy(pts) * torch.tensor([w, h], dtype=torch.float32)).to(embed.device)
-        labels = torch.ones(points.shape[:3], dtype=torch.int64, device=embed.device)
-        low, iou = self.decode(embed, points=points, labels=labels, multimask=True)
+        pts = torch.from_numpy(points.reshape(1, -1, 1, 2)) * torch.tensor([w, h], dtype=torch.float32)
+        pts = pts.to(embed.device)
+        labels = torch.ones(pts.shape[:3], dtype=torch.int64, device=embed.device)
+        low, iou = self.decode(embed, points=pts, labels=labels, multimask=True)
         iou = iou.float().cpu()
         best = iou.argmax(dim=1)
         idx = torch.arange(len(best))
         masks = self.post_process(low.cpu()[idx, best][:, None], valid)[:, 0].numpy()
-        scores = iou[idx, best].numpy()
-        kept = greedy_mask_nms(masks, scores, o)
-        return {"masks": [_mask_record(masks[j], float(scores[j]), None) for j in kept], "prompt": "points"}
-
-    # -- contract
-
-    def forward(self, pixels: Any, prompts: list[dict] | None = None) -> list[ExpertOutput]:
-        import torch
-
-        s = self.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(f"sam: expected pixels [B, 3, {s}, {s}], got {tuple(pixels.shape)}")
-        if prompts is not None and len(prompts) != pixels.shape[0]:
-            raise ValueError(f"sam: {len(prompts)} prompts for a batch of {pixels.shape[0]} images")
-        results = []
-        with torch.inference_mode():
-            embed = self.image_embeddings(pixels)
-            tokens, pooled = map_features(embed, self.cfg.grid)
-            b = len(tokens)
-            for i in range(b):
-                valid = self.valid_size(pixels[i])
-                p = (prompts[i] or {}) if prompts is not None else {}
-                if "grounding_dino" in p:
-                    outputs = self._box_masks(embed[i : i + 1], valid, p["grounding_dino"])
-                else:
-                    outputs = self._grid_masks(embed[i : i + 1], valid)
-                results.append(ExpertOutput(tokens=tokens[i], pooled=pooled[i], outputs=outputs))
-        return results
-
-    def to(self, device: str) -> "SamExpert":
-        self.model.to(device)
-        self.device = device
-        return self
+        return masks, iou[idx, best].numpy()
 
 
 def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> SamExpert:
@@ -388,8 +295,8 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Sam
     if unknown:
         raise ValueError(f"sam: unknown prerequisites {unknown}; sam reads only {list(PREREQUISITES)}")
     mask_options(cfg.options, arch.image_size)  # fail before the (slow) build
-    model, processor = _load(arch_name, arch, cfg)
-    expert = SamExpert(cfg, arch_name, model, processor, dict(prerequisites or {}))
+    model, processor, file_sha = _load(arch_name, arch, cfg)
+    expert = SamExpert(cfg, arch_name, model, processor, dict(prerequisites or {}), weights_file_sha256=file_sha)
     if cfg.device != "cpu":
         expert.to(cfg.device)
     return expert

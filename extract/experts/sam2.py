@@ -22,27 +22,17 @@ the sam2 package (``from __future__ import annotations`` does not change import 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from astrea.schemas import mask_rle as rle
-from astrea.extract.experts.base import (
-    spec_from_config,
-    Expert,
-    ExpertOutput,
-    WeightsUnavailableError,
-    state_dict_sha256,
-)
-from astrea.extract.experts.common import ensure_rgb, map_features
+from astrea.extract.experts.base import WeightsUnavailableError, spec_from_config, state_dict_sha256
+from astrea.extract.experts.common import ensure_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.weights import is_random, resolve_file
+from astrea.extract.experts.sam_family import EMBED_DIM, MaskOptions, PromptedMaskExpert, variants
+from astrea.extract.experts.weights import Weights, choose, files_sha256, load_state_dict_strict, resolve_file, seeded
 
 NAME = "sam2"
-EMBED_DIM = 256
 _MEAN = [0.485, 0.456, 0.406]  # sam2.utils.transforms.SAM2Transforms
 _STD = [0.229, 0.224, 0.225]
 MASK_THRESHOLD = 0.0  # SAM2ImagePredictor's default: logits > 0 are foreground
@@ -72,66 +62,15 @@ _ARCHS: dict[str, _Arch] = {
 
 def _describe(name: str, a: _Arch) -> str:
     size = name.split(".", 1)[1].replace("_256", "")
-    text = f"SAM2.1 {size} ({a.config_file.rsplit('/', 1)[1]}) at {a.image_size}px, embedding {a.image_size // 16}^2"
-    return text + ("; test/demo size, random weights" if a.hub is None else "")
+    return f"SAM2.1 {size} ({a.config_file.rsplit('/', 1)[1]}) at {a.image_size}px, embedding {a.image_size // 16}^2"
 
 
-VARIANTS: dict[str, Variant] = {
-    name: Variant(name, EMBED_DIM, EMBED_DIM, a.image_size, _describe(name, a), a.hub, small=a.hub is None)
-    for name, a in _ARCHS.items()
-}
+VARIANTS: dict[str, Variant] = variants(_ARCHS, _describe)
 DEFAULT = "sam2.hiera_large"
 DEFAULT_SMALL = "sam2.hiera_tiny_256"
 
 
-@dataclass(frozen=True)
-class MaskOptions:
-    """``ExpertConfig.options`` for sam2 (all change the stored outputs, so all go into the spec)."""
-
-    points_per_side: int = 4  # automatic grid when no detector boxes: points_per_side^2 points
-    score_threshold: float = 0.5  # keep grid masks whose predicted IoU is at least this
-    nms_iou: float = 0.7  # drop a grid mask overlapping a better one by more than this mask IoU
-    max_masks: int = 16  # per image, grid mode
-    max_boxes: int = 100  # per image, box mode (the detector's highest-scoring first)
-    min_area: int = 1  # pixels at mask_size; smaller masks are dropped
-    mask_size: int | None = None  # RLE resolution; None -> image_size // 4 (the decoder's native size)
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], image_size: int) -> "MaskOptions":
-        import dataclasses
-
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise ValueError(f"sam2: unknown options {unknown}; valid options are {sorted(valid)}")
-        o = cls(**options)
-        if o.mask_size is None:
-            o = dataclasses.replace(o, mask_size=image_size // 4)
-        checks = {
-            "points_per_side": o.points_per_side >= 1,
-            "score_threshold": 0.0 <= o.score_threshold <= 1.0,
-            "nms_iou": 0.0 < o.nms_iou <= 1.0,
-            "max_masks": o.max_masks >= 0,
-            "max_boxes": o.max_boxes >= 0,
-            "min_area": o.min_area >= 0,
-            "mask_size": o.mask_size is not None and o.mask_size >= 1,
-        }
-        for k, ok in checks.items():
-            if not ok:
-                raise ValueError(f"sam2: option {k}={getattr(o, k)!r} is out of range")
-        return o
-
-
 # ------------------------------------------------------------------------------------------ loading
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _build_model(arch: _Arch, seed: int):
@@ -139,25 +78,18 @@ def _build_model(arch: _Arch, seed: int):
     from sam2.build_sam import build_sam2  # absolute: the sam2 package, not this module
 
     overrides = [] if arch.image_size == 1024 else [f"++model.image_size={arch.image_size}"]
-    with _seeded(seed):
+    with seeded(seed):
         return build_sam2(arch.config_file, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
 
 
-def _checkpoint_path(arch_name: str, arch: _Arch, weights: str) -> Path:
-    p = Path(weights).expanduser()
-    if p.is_dir():
-        return resolve_file(str(p), arch.checkpoint, expert=NAME)
-    if p.is_file():
-        return p
-    if weights.startswith((".", "/", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise WeightsUnavailableError(f"sam2: weights path {weights!r} does not exist")
-    hub = weights[len("hf-hub:"):] if weights.startswith("hf-hub:") else weights
+def _checkpoint_path(arch_name: str, arch: _Arch, w: Weights) -> Path:
+    if w.kind == "directory":
+        return resolve_file(str(w.path), arch.checkpoint, expert=NAME)
+    if w.kind == "file":
+        return w.path
     if arch.hub is None:
-        raise WeightsUnavailableError(
-            f"sam2: arch {arch_name!r} is a test-size model: weights must be 'random' or a local checkpoint, "
-            f"not the hub id {hub!r}; for hub weights pick a real arch "
-            f"({', '.join(n for n, v in VARIANTS.items() if not v.small)})"
-        )
+        w.refuse_hub_for_small(NAME, arch_name, (n for n, v in VARIANTS.items() if not v.small))
+    hub = w.hub_id
     from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
 
     filename = arch.checkpoint
@@ -185,19 +117,8 @@ def _load_checkpoint(model: Any, path: Path, arch_name: str) -> None:
     sd = obj["model"] if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict) else obj
     if not isinstance(sd, dict):
         raise WeightsUnavailableError(f"sam2: checkpoint {path} holds no state dict (expected {{'model': state_dict}})")
-    try:
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise WeightsUnavailableError(
-            f"sam2: checkpoint {path} does not fit arch {arch_name!r}: {str(e).splitlines()[0][:200]}...; "
-            f"pass the arch it was trained as"
-        ) from None
-    if missing or unexpected:
-        raise WeightsUnavailableError(
-            f"sam2: checkpoint {path} does not match arch {arch_name!r}: {len(missing)} missing keys "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); pass the arch "
-            f"it was trained as"
-        )
+    load_state_dict_strict(model, sd, expert=NAME, source=path,
+                           hint=f"Arch {arch_name!r}: pass the arch it was trained as")
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -231,11 +152,11 @@ def apply_preprocessing(image: Any, image_size: int):
 # ------------------------------------------------------------------------------------------- expert
 
 
-class Sam2Expert(Expert):
+class Sam2Expert(PromptedMaskExpert):
     name = NAME
-    prerequisites = ("grounding_dino",)
 
-    def __init__(self, cfg: ExpertConfig, arch_name: str, model: Any, prerequisites: dict[str, str]) -> None:
+    def __init__(self, cfg: ExpertConfig, arch_name: str, model: Any, prerequisites: dict[str, str], *,
+                 weights_file_sha256: str = "") -> None:
         import torch
 
         self.cfg = cfg
@@ -249,6 +170,7 @@ class Sam2Expert(Expert):
         self.pp = preprocessing_spec(self.image_size)
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=arch_name, weights_sha256=state_dict_sha256(self.model),
+            weights_file_sha256=weights_file_sha256,
             preprocessing=self.pp, token_dim=EMBED_DIM, pooled_dim=EMBED_DIM,
             config={
                 "library": "sam2",
@@ -272,16 +194,6 @@ class Sam2Expert(Expert):
     def preprocess(self, image: Any):
         image = ensure_rgb(image)
         return apply_preprocessing(image, self.image_size)
-
-    def _autocast(self):
-        import torch
-
-        if self.cfg.compute_dtype == "float32":
-            return contextlib.nullcontext()
-        # SAM2 is run in reduced precision through autocast (as its own demos do): its prompt encoder
-        # mixes float32 coordinates with weights, so casting the weights would break it.
-        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
-        return torch.autocast(device_type=device_type, dtype=self.compute_dtype)
 
     def image_features(self, pixels):
         """-> (image_embed [B, 256, h, w], high_res_feats [[B, 32, 4h, 4w], [B, 64, 2h, 2w]]), as
@@ -317,131 +229,35 @@ class Sam2Expert(Expert):
         s = self.opts.mask_size
         return F.interpolate(low.float(), (s, s), mode="bilinear", align_corners=False) > MASK_THRESHOLD
 
-    # -- prompts
+    # -- the prompts (sam_family.PromptedMaskExpert runs the per-image loop)
 
-    @staticmethod
-    def _read_boxes(det: Any, max_boxes: int) -> tuple[list[list[float]], list[str | None], int]:
-        """Valid normalised boxes (highest detector score first) + labels, and how many were skipped."""
-        boxes = det.get("boxes", []) if isinstance(det, dict) else []
-        labels = det.get("labels", []) if isinstance(det, dict) else []
-        scores = det.get("scores", []) if isinstance(det, dict) else []
-        keep, skipped = [], 0
-        for j, b in enumerate(boxes):
-            try:
-                x1, y1, x2, y2 = (float(v) for v in b)
-            except (TypeError, ValueError):
-                skipped += 1
-                continue
-            x1, y1, x2, y2 = (min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
-            if not (np.isfinite([x1, y1, x2, y2]).all() and x2 > x1 and y2 > y1):
-                skipped += 1
-                continue
-            score = float(scores[j]) if j < len(scores) else 0.0
-            label = str(labels[j]) if j < len(labels) else None
-            keep.append((score, j, [x1, y1, x2, y2], label))
-        keep.sort(key=lambda t: (-t[0], t[1]))
-        keep = keep[:max_boxes]
-        return [k[2] for k in keep], [k[3] for k in keep], skipped
+    def _forward_context(self):
+        return self._autocast()  # SAM2 runs whole under autocast, as its own demos do
 
-    def _box_masks(self, embed, high_res, det: Any) -> dict[str, Any]:
+    def _embed(self, pixels):
         import torch
 
-        boxes, labels, skipped = self._read_boxes(det, self.opts.max_boxes)
-        out: dict[str, Any] = {"masks": [], "prompt": "boxes"}
-        if skipped:
-            out["skipped_boxes"] = skipped
-        if not boxes:
-            return out
+        embed, high_res = self.image_features(pixels.to(self.device, torch.float32))
+        return embed, [(embed[i : i + 1], [f[i : i + 1] for f in high_res]) for i in range(len(embed))]
+
+    def _decode_boxes(self, boxes, embed, high_res):
+        import torch
+
         coords = torch.tensor(boxes, dtype=torch.float32, device=embed.device).reshape(-1, 2, 2) * self.image_size
         lab = torch.tensor([[2, 3]], dtype=torch.int, device=embed.device).repeat(len(boxes), 1)
         low, iou = self.decode(embed, high_res, coords, lab, multimask=False)
-        masks = self._to_masks(low)[:, 0].cpu().numpy()
-        scores = iou[:, 0].float().cpu().numpy()
-        for j in range(len(boxes)):
-            m = _mask_record(masks[j], float(scores[j]), labels[j])
-            if m["area"] >= self.opts.min_area:
-                out["masks"].append(m)
-        return out
+        return self._to_masks(low)[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
 
-    def _grid_masks(self, embed, high_res) -> dict[str, Any]:
+    def _decode_points(self, points, embed, high_res):
         import torch
 
-        o = self.opts
-        n = o.points_per_side
-        c = (np.arange(n, dtype=np.float32) + 0.5) / n
-        pts = np.stack(np.meshgrid(c, c, indexing="xy"), axis=-1).reshape(-1, 1, 2)  # row-major points
-        coords = torch.from_numpy(pts).to(embed.device) * self.image_size
+        coords = torch.from_numpy(points.reshape(-1, 1, 2)).to(embed.device) * self.image_size
         lab = torch.ones(coords.shape[:2], dtype=torch.int, device=embed.device)
         low, iou = self.decode(embed, high_res, coords, lab, multimask=True)
         best = iou.float().argmax(dim=1)
         idx = torch.arange(len(best), device=best.device)
         masks = self._to_masks(low[idx, best][:, None])[:, 0].cpu().numpy()
-        scores = iou.float()[idx, best].cpu().numpy()
-        kept = greedy_mask_nms(masks, scores, o)
-        return {"masks": [_mask_record(masks[j], float(scores[j]), None) for j in kept], "prompt": "points"}
-
-    # -- contract
-
-    def forward(self, pixels: Any, prompts: list[dict] | None = None) -> list[ExpertOutput]:
-        import torch
-
-        s = self.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(f"sam2: expected pixels [B, 3, {s}, {s}], got {tuple(pixels.shape)}")
-        if prompts is not None and len(prompts) != pixels.shape[0]:
-            raise ValueError(f"sam2: {len(prompts)} prompts for a batch of {pixels.shape[0]} images")
-        results = []
-        with torch.inference_mode(), self._autocast():
-            x = pixels.to(self.device, torch.float32)
-            embed, high_res = self.image_features(x)
-            tokens, pooled = map_features(embed, self.cfg.grid)
-            b = len(tokens)
-            for i in range(b):
-                e_i = embed[i : i + 1]
-                hr_i = [f[i : i + 1] for f in high_res]
-                p = (prompts[i] or {}) if prompts is not None else {}
-                if "grounding_dino" in p:
-                    outputs = self._box_masks(e_i, hr_i, p["grounding_dino"])
-                else:
-                    outputs = self._grid_masks(e_i, hr_i)
-                results.append(ExpertOutput(tokens=tokens[i], pooled=pooled[i], outputs=outputs))
-        return results
-
-    def to(self, device: str) -> "Sam2Expert":
-        self.model.to(device)
-        self.device = device
-        return self
-
-
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def greedy_mask_nms(masks: np.ndarray, scores: np.ndarray, o: MaskOptions) -> list[int]:
-    """Indices kept: score >= threshold, best first, area >= min_area, mask IoU <= nms_iou with every
-    kept one, at most max_masks. Shared by the sam2 and sam experts so their point-grid outputs read alike."""
-    order = [j for j in np.argsort(-scores, kind="stable") if scores[j] >= o.score_threshold]
-    kept: list[int] = []
-    for j in order:
-        if len(kept) >= o.max_masks:
-            break
-        if int(masks[j].sum()) < max(o.min_area, 1):
-            continue
-        if all(_mask_iou(masks[j], masks[k]) <= o.nms_iou for k in kept):
-            kept.append(int(j))
-    return kept
-
-
-def _mask_record(mask: np.ndarray, score: float, label: str | None) -> dict[str, Any]:
-    h, w = mask.shape
-    area = int(mask.sum())
-    if area:
-        ys, xs = np.nonzero(mask)
-        box = [float(xs.min()) / w, float(ys.min()) / h, float(xs.max() + 1) / w, float(ys.max() + 1) / h]
-    else:
-        box = [0.0, 0.0, 0.0, 0.0]
-    return {"rle": rle.encode(mask), "score": score, "area": area, "box": box, "label": label}
+        return masks, iou.float()[idx, best].cpu().numpy()
 
 
 def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Sam2Expert:
@@ -453,11 +269,13 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Sam
     if unknown:
         raise ValueError(f"sam2: unknown prerequisites {unknown}; sam2 reads only {list(Sam2Expert.prerequisites)}")
     MaskOptions.from_options(dict(cfg.options), arch.image_size)  # fail before the (slow) build
-    path = None if is_random(cfg.weights) else _checkpoint_path(arch_name, arch, cfg.weights)
+    w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
+    path = None if w.random else _checkpoint_path(arch_name, arch, w)
     model = _build_model(arch, cfg.seed)
     if path is not None:
         _load_checkpoint(model, path, arch_name)
-    expert = Sam2Expert(cfg, arch_name, model, dict(prerequisites or {}))
+    expert = Sam2Expert(cfg, arch_name, model, dict(prerequisites or {}),
+                        weights_file_sha256=files_sha256([path] if path is not None else []))
     if cfg.device != "cpu":
         expert.to(cfg.device)
     return expert

@@ -18,8 +18,8 @@ Only the vision tower is kept after loading: the text tower is never used for ex
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,16 @@ from astrea.extract.experts.base import (
 )
 from astrea.extract.experts.common import ensure_rgb, resample_grid
 from astrea.extract.experts.registry import ExpertConfig, Variant
-from astrea.extract.experts.weights import is_random, resolve_file
+from astrea.extract.experts.weights import (
+    Weights,
+    choose,
+    describe_keys,
+    files_sha256,
+    keys_from_load_error,
+    resolve_file,
+    seeded,
+    weight_files,
+)
 
 NAME = "siglip"
 
@@ -185,42 +194,32 @@ def _register_tiny_timm() -> None:
     register_model(astrea_vit_tiny_patch14_siglip_112)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Seed the global torch RNG for model init without leaking the seed into the caller's RNG."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _hub_id(weights: str) -> str:
-    return weights[len("hf-hub:"):] if weights.startswith("hf-hub:") else weights
-
-
-def _no_hub_for_small(arch: _Arch, cfg: ExpertConfig, weights: str) -> str:
-    """Hub id for ``weights``; test-size archs have no published weights, only random or local files."""
+def _no_hub_for_small(arch: _Arch, cfg: ExpertConfig, w: Weights) -> str:
+    """Hub id for ``w``; test-size archs have no published weights, only random or local files."""
     if arch.hub is None:
-        real = ", ".join(n for n, v in VARIANTS.items() if not v.small)
-        raise WeightsUnavailableError(
-            f"siglip: arch {cfg.resolved_arch()!r} is a test-size model: weights must be 'random' or a local "
-            f"checkpoint file, not the hub id {weights!r}; for hub weights pick a real arch ({real})"
-        )
-    return _hub_id(weights)
+        w.refuse_hub_for_small(NAME, cfg.resolved_arch(), (n for n, v in VARIANTS.items() if not v.small),
+                               local="a local checkpoint file")
+    return w.hub_id
 
 
-def _looks_like_path(weights: str) -> bool:
-    return weights.startswith((".", "/", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))
+def _open_clip_dir_checkpoint(p: Path) -> Path | None:
+    """The file open_clip's ``local-dir:`` loads from ``p`` (its own preference order), or None."""
+    import open_clip.factory
+
+    find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+    if find is not None:
+        found = find(p)
+        return Path(found) if found else None
+    files = weight_files(p)
+    return files[0] if files else None
 
 
-def _load_open_clip(arch: _Arch, cfg: ExpertConfig) -> tuple[Any, dict[str, Any]]:
-    """-> (vision tower, preprocess cfg that open_clip attached to the model)."""
+def _load_open_clip(arch: _Arch, cfg: ExpertConfig, w: Weights) -> tuple[Any, dict[str, Any], list[Path]]:
+    """-> (vision tower, preprocess cfg that open_clip attached to the model, checkpoint files read)."""
     import open_clip
-    from pathlib import Path
 
     force_pp = {
         "size": tuple(arch.preprocess["size"]),
@@ -229,87 +228,84 @@ def _load_open_clip(arch: _Arch, cfg: ExpertConfig) -> tuple[Any, dict[str, Any]
         "interpolation": arch.preprocess["interpolation"],
         "resize_mode": arch.preprocess["resize_mode"],
     }
-    w = cfg.weights
     _register_tiny_timm()
-    if is_random(w):
-        with _seeded(cfg.seed):
+    if w.random:
+        with seeded(w.seed):
             # Random weights keep the preprocessing the real weights were trained with, so a
             # random-weight run exercises exactly the production transform.
             model = open_clip.create_model(
                 arch.model_name, pretrained=None, force_preprocess_cfg=force_pp, **arch.overrides
             )
-    else:
-        p = Path(w).expanduser()
-        if p.is_dir():
-            if (p / "open_clip_config.json").exists():
-                model = open_clip.create_model(f"local-dir:{p}")
-            else:
-                files = [p / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (p / n).exists()]
-                if not files:
-                    raise WeightsUnavailableError(
-                        f"siglip: {p} holds neither open_clip_config.json nor open_clip_model.safetensors / "
-                        f"open_clip_pytorch_model.bin; pass the checkpoint file or a `huggingface-cli download "
-                        f"{arch.hub}` snapshot directory"
-                    )
-                model = open_clip.create_model(
-                    arch.model_name, pretrained=str(files[0]), force_preprocess_cfg=force_pp, **arch.overrides
-                )
-        elif p.is_file():
-            model = open_clip.create_model(
-                arch.model_name, pretrained=str(p), force_preprocess_cfg=force_pp, **arch.overrides
+        return _vision_tower(model) + ([],)
+    p = w.path
+    if w.kind == "hub":
+        # Fetch only the open_clip files (timm hub repos also hold timm-format copies), through
+        # astrea's resolver so offline gives the one clear error; then load as a local dir, where
+        # open_clip reads the repo's open_clip_config.json, preprocessing included.
+        hub = _no_hub_for_small(arch, cfg, w)
+        p = resolve_file(hub, "open_clip_config.json", expert=NAME).parent
+        try:
+            resolve_file(hub, "open_clip_model.safetensors", expert=NAME)
+        except WeightsUnavailableError:
+            resolve_file(hub, "open_clip_pytorch_model.bin", expert=NAME)
+    if w.kind != "file" and (p / "open_clip_config.json").exists():
+        # A config without a checkpoint beside it would build at random (open_clip only logs it):
+        # refused here, and require_pretrained refuses it inside open_clip as well.
+        ckpt = _open_clip_dir_checkpoint(p)
+        if ckpt is None:
+            raise WeightsUnavailableError(
+                f"siglip: {p} holds open_clip_config.json but no checkpoint (open_clip_model.safetensors or "
+                f"open_clip_pytorch_model.bin); it would build with random weights. Copy the whole "
+                f"`huggingface-cli download {arch.hub or VARIANTS[DEFAULT].default_weights}` snapshot, or pass "
+                f"--weights random for a random-weight run"
             )
-        elif _looks_like_path(w):
-            raise WeightsUnavailableError(f"siglip: weights path {w!r} does not exist")
-        else:
-            # Fetch only the open_clip files (timm hub repos also hold timm-format copies), through
-            # astrea's resolver so offline gives the one clear error; then load as a local dir, where
-            # open_clip reads the repo's open_clip_config.json, preprocessing included.
-            hub = _no_hub_for_small(arch, cfg, w)
-            cfg_file = resolve_file(hub, "open_clip_config.json", expert=NAME)
-            try:
-                resolve_file(hub, "open_clip_model.safetensors", expert=NAME)
-            except WeightsUnavailableError:
-                resolve_file(hub, "open_clip_pytorch_model.bin", expert=NAME)
-            model = open_clip.create_model(f"local-dir:{cfg_file.parent}")
+        model = open_clip.create_model(f"local-dir:{p}", require_pretrained=True)
+        return _vision_tower(model) + ([ckpt],)
+    ckpt = p
+    if w.kind == "directory":
+        ckpt = _checkpoint_in(p, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), arch)
+    model = open_clip.create_model(arch.model_name, pretrained=str(ckpt), force_preprocess_cfg=force_pp, **arch.overrides)
+    return _vision_tower(model) + ([ckpt],)
+
+
+def _checkpoint_in(p: Path, names: tuple[str, ...], arch: _Arch) -> Path:
+    """The first checkpoint file of ``names`` that directory ``p`` holds, else an error naming them."""
+    found = [p / n for n in names if (p / n).exists()]
+    if not found:
+        raise WeightsUnavailableError(
+            f"siglip: {p} holds none of {', '.join(names)}; pass the checkpoint file or a `huggingface-cli "
+            f"download {arch.hub}` snapshot directory"
+        )
+    return found[0]
+
+
+def _vision_tower(model: Any) -> tuple[Any, dict[str, Any]]:
+    """-> (open_clip model's vision tower, the preprocess cfg open_clip attached to the model)."""
+    import open_clip
+
     pp = dict(open_clip.get_model_preprocess_cfg(model))
     visual = model.visual
     del model  # drop the text tower: extraction never uses it
     return visual, pp
 
 
-def _load_timm(arch: _Arch, cfg: ExpertConfig) -> tuple[Any, dict[str, Any]]:
+def _load_timm(arch: _Arch, cfg: ExpertConfig, w: Weights) -> tuple[Any, dict[str, Any], list[Path]]:
     import timm
-    from pathlib import Path
 
     kwargs = dict(arch.overrides, num_classes=0)
-    w = cfg.weights
-    if is_random(w):
-        with _seeded(cfg.seed):
+    if w.random:
+        with seeded(w.seed):
             model = timm.create_model(arch.model_name, pretrained=False, **kwargs)
-    else:
-        p = Path(w).expanduser()
-        if p.is_dir():
-            files = [p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).exists()]
-            if not files:
-                raise WeightsUnavailableError(
-                    f"siglip: {p} holds neither model.safetensors nor pytorch_model.bin; pass the checkpoint "
-                    f"file or a `huggingface-cli download {arch.hub}` snapshot directory"
-                )
-            p = files[0]
-        if p.is_file():
-            # timm loads files with safetensors or torch.load(weights_only=True) and resamples the
-            # position embedding from 518 to the configured 336 px.
-            model = timm.create_model(
-                arch.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(p)}, **kwargs
-            )
-        elif _looks_like_path(w):
-            raise WeightsUnavailableError(f"siglip: weights path {w!r} does not exist")
-        else:
-            f = resolve_file(_no_hub_for_small(arch, cfg, w), "model.safetensors", expert=NAME)
-            model = timm.create_model(
-                arch.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(f)}, **kwargs
-            )
-    return model, dict(arch.preprocess)
+        return model, dict(arch.preprocess), []
+    p = w.path
+    if w.kind == "directory":
+        p = _checkpoint_in(p, ("model.safetensors", "pytorch_model.bin"), arch)
+    elif w.kind == "hub":
+        p = resolve_file(_no_hub_for_small(arch, cfg, w), "model.safetensors", expert=NAME)
+    # timm loads files with safetensors or torch.load(weights_only=True) (strictly) and resamples the
+    # position embedding from 518 to the configured 336 px.
+    model = timm.create_model(arch.model_name, pretrained=True, pretrained_cfg_overlay={"file": str(p)}, **kwargs)
+    return model, dict(arch.preprocess), [p]
 
 
 # ------------------------------------------------------------------------------------ preprocessing
@@ -367,7 +363,8 @@ class SiglipExpert(Expert):
     name = NAME
     prerequisites = ()
 
-    def __init__(self, cfg: ExpertConfig, arch: _Arch, model: Any, pp: dict[str, Any]) -> None:
+    def __init__(self, cfg: ExpertConfig, arch: _Arch, model: Any, pp: dict[str, Any], *,
+                 weights_file_sha256: str = "") -> None:
         import torch
 
         self.cfg = cfg
@@ -391,7 +388,7 @@ class SiglipExpert(Expert):
             )
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=self.arch_name, weights_sha256=weights_sha,
-            preprocessing=self.pp, token_dim=token_dim, pooled_dim=pooled_dim,
+            weights_file_sha256=weights_file_sha256, preprocessing=self.pp, token_dim=token_dim, pooled_dim=pooled_dim,
             config={
                 "backend": arch.backend,
                 "model_name": arch.model_name,
@@ -484,22 +481,26 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Sig
         raise ValueError(f"siglip: unknown arch {arch_name!r}; choose one of {sorted(_ARCHS)}")
     arch = _ARCHS[arch_name]
     load = _load_open_clip if arch.backend == "open_clip" else _load_timm
+    w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
     try:
-        model, pp = load(arch, cfg)
+        model, pp, files = load(arch, cfg, w)
     except (WeightsUnavailableError, BadImageError):
         raise
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
-        if is_random(cfg.weights):
+        if w.random:
             raise
-        # open_clip / timm load strictly; their messages (size mismatch, "pos_embed width changed")
-        # do not say which flag to fix.
+        # open_clip / timm load strictly, and torch's message lists the keys over many lines: they
+        # are named (the shared check's wording), not cut to the first line; other errors
+        # (a pos_embed that cannot be resampled...) keep their first line. Neither says which flag
+        # to fix, hence the advice.
+        keys = keys_from_load_error(e)
         first = str(e).splitlines()[0] if str(e) else ""
+        what = describe_keys(**keys) if keys else f"{type(e).__name__}: {first[:300]}"
         raise WeightsUnavailableError(
             f"siglip: weights {cfg.weights!r} do not load into arch {arch_name!r} ({arch.backend} "
-            f"{arch.model_name}): {type(e).__name__}: {first[:300]}. Pass the arch these weights belong to "
-            f"(one of {sorted(_ARCHS)})."
+            f"{arch.model_name}): {what}. Pass the arch these weights belong to (one of {sorted(_ARCHS)})."
         ) from e
-    expert = SiglipExpert(cfg, arch, model, pp)
+    expert = SiglipExpert(cfg, arch, model, pp, weights_file_sha256=files_sha256(files))
     if cfg.device != "cpu":
         expert.to(cfg.device)
     return expert

@@ -16,7 +16,7 @@ from astrea.schemas import mask_rle as rle
 from astrea.extract.experts import sam as sam_expert
 from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
 from astrea.extract.experts.registry import STAGE_OF_EXPERT, ExpertConfig
-from astrea.extract.experts.sam2 import MaskOptions, greedy_mask_nms
+from astrea.extract.experts.sam_family import MaskOptions, greedy_mask_nms
 
 SMALL = sam_expert.DEFAULT_SMALL
 S = 256  # image size of the tiny variant; embedding S/16 = 16, native mask size S/4 = 64

@@ -11,6 +11,7 @@ from PIL import Image
 from astrea.extract.experts import siglip
 from astrea.extract.experts.base import BadImageError, WeightsUnavailableError, state_dict_sha256
 from astrea.extract.experts.common import storage_error
+from astrea.extract.experts.weights import seeded
 from astrea.extract.experts.registry import ExpertConfig
 
 SMALL = [n for n, v in siglip.VARIANTS.items() if v.small]
@@ -31,7 +32,7 @@ def _img(w: int = 150, h: int = 97, seed: int = 0) -> Image.Image:
 def _reference(arch_name: str, seed: int = 0):
     """The reference library's own model + transform, built from the same config and seed."""
     arch = siglip._ARCHS[arch_name]
-    with siglip._seeded(seed):
+    with seeded(seed):
         if arch.backend == "open_clip":
             import open_clip
 
