@@ -1,4 +1,5 @@
-"""The Python API: what the CLI does, as functions. Each CLI command is a thin wrapper over one of these.
+"""The Python API: what the CLI commands do, as functions for notebooks and scripts. It calls the same
+run functions the CLI calls (the CLI does not go through this module).
 
 ```python
 import astrea.api as astrea

@@ -294,8 +294,3 @@ class ExtractPlan:
     shards: list[str]
     counts: dict[str, int | None]
     store: Path
-
-    @property
-    def total_images(self) -> int | None:
-        vals = list(self.counts.values())
-        return None if any(v is None for v in vals) else sum(vals)  # type: ignore[misc]

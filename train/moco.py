@@ -1,6 +1,6 @@
 """Momentum contrastive learning between the fused visual tokens and the caption (paper Eq. 5-8).
 
-How the project reads the equations (see ``/work/shared/METHOD.md`` and ``docs/train.md``):
+How the project reads the equations (see ``docs/train.md``):
 
 * Online heads ``E_v`` (pooled visual -> q_v) and ``E_t`` (pooled text -> q_t) are trained by
   back-propagation; momentum heads ``M_v``, ``M_t`` are copies updated only by

@@ -39,7 +39,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         from astrea.train.ray_launch import launch
 
         return launch(cfg, ray_worker)
-    return run_local(cfg)
+    return _run_validated(cfg)
 
 
 def ray_worker(config: dict[str, Any]) -> None:
@@ -48,9 +48,14 @@ def ray_worker(config: dict[str, Any]) -> None:
 
 
 def run_local(cfg: TrainConfig) -> dict[str, Any]:
+    """Train in this process (one rank of an existing process group, or alone)."""
+    cfg.validate()
+    return _run_validated(cfg)
+
+
+def _run_validated(cfg: TrainConfig) -> dict[str, Any]:
     from astrea.train.distributed import init_distributed
 
-    cfg.validate()
     device = _device(cfg.device)
     dist = init_distributed(device.type)
     if device.type == "cuda" and cfg.device in ("auto", "cuda"):

@@ -22,7 +22,7 @@ The batch (``astrea.train.data.Collator``) is a dict:
     input_ids, attention_mask, labels: Tensor [B, N] (labels -100 on prompt and padding);
     prompts, targets, tasks, captions: list[str | None]
 
-Writing the main stage (issue 6): subclass :class:`Stage`, register it as ``"main"`` in
+The main stage is a :class:`Stage` too, registered as ``"main"`` in
 ``astrea.train.main_stage`` (``STAGES.register("main", ...)`` at import; ``stage_class("main")`` imports
 that module on first use). Its ``build`` adds the router/adapters/MoCo to ``model.extras`` and
 initialises adapters from ``model.projectors``; ``visual_tokens`` mixes all experts' aligned tokens;
