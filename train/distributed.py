@@ -77,19 +77,18 @@ def all_sum(values: list[float], device: torch.device, world_size: int) -> list[
 
 def all_gather_floats(values: list[float], device: torch.device, world_size: int) -> list[list[float]]:
     """Every rank's small float vector, rank order."""
-    if world_size <= 1:
-        return [list(values)]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    out = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(out, t)
-    return [o.tolist() for o in out]
+    return _all_gather(values, torch.float64, device, world_size)
 
 
 def all_gather_ints(values: list[int], device: torch.device, world_size: int) -> list[list[int]]:
     """Every rank's small int vector (stream positions), rank order."""
+    return _all_gather(values, torch.long, device, world_size)
+
+
+def _all_gather(values: list, dtype: torch.dtype, device: torch.device, world_size: int) -> list[list]:
     if world_size <= 1:
         return [list(values)]
-    t = torch.tensor(values, dtype=torch.long, device=device)
+    t = torch.tensor(values, dtype=dtype, device=device)
     out = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(out, t)
     return [o.tolist() for o in out]
