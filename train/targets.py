@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-# The stored masks' codec (one, shared with the sam2 expert that writes them); named here as the
-# targets read it.
+# The stored masks' codec (one, shared with the sam2 expert that writes them), under the names the
+# targets' callers use (encode_rle is re-exported for them: train/worlds.py, tests, benchmarks).
 from astrea.schemas.mask_rle import decode as decode_rle
-from astrea.schemas.mask_rle import encode as encode_rle
+from astrea.schemas.mask_rle import encode as encode_rle  # noqa: F401
 
 NONE = "none"
 FORMATS = ("compact", "decimal")

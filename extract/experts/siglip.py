@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from astrea.errors import AstreaError
 from astrea.extract.experts.base import (
     spec_from_config,
-    BadImageError,
     Expert,
     ExpertOutput,
     WeightsUnavailableError,
@@ -484,7 +484,7 @@ def build(cfg: ExpertConfig, prerequisites: dict[str, str] | None = None) -> Sig
     w = choose(cfg.weights, seed=cfg.seed, expert=NAME)
     try:
         model, pp, files = load(arch, cfg, w)
-    except (WeightsUnavailableError, BadImageError):
+    except AstreaError:  # ours already says what to fix (and WeightsUnavailableError is a RuntimeError)
         raise
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         if w.random:
