@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")  # int8: per-row scale, see astrea.shards.dtypes
 FORMATS = ("zarr", "wds")
 
 
@@ -43,6 +43,10 @@ class ExpertSpec:
     config: dict[str, Any] = field(default_factory=dict)  # anything else that changes outputs
     prerequisites: dict[str, str] = field(default_factory=dict)  # expert name -> fingerprint it read
     schema_version: int = SCHEMA_VERSION
+    # Set by `astrea shards convert`: the directory these bytes were re-encoded from (its fingerprint, dtype,
+    # format). Hashed when set: int8 from float16 is not int8 from the model's float32, so the two never share
+    # a directory. Left out of the hash and of expert.json when empty, so no existing fingerprint changes.
+    converted_from: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -69,6 +73,8 @@ class ExpertSpec:
         if not self.random_weights:
             d.pop("seed")
         d["random_weights"] = self.random_weights
+        if not self.converted_from:
+            d.pop("converted_from")
         return d
 
     def fingerprint(self) -> str:
@@ -82,6 +88,8 @@ class ExpertSpec:
         d = dataclasses.asdict(self)
         d["fingerprint"] = self.fingerprint()
         d["random_weights"] = self.random_weights
+        if not self.converted_from:
+            d.pop("converted_from")
         return d
 
     def to_json(self) -> str:
