@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEMA_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")  # int8: per-row scale, see astrea.shards.dtypes
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")  # the last two: per-row scale, see astrea.shards.dtypes
 FORMATS = ("zarr", "wds")
 
 

@@ -1,5 +1,5 @@
-"""int8 storage (per-row scale in the row): round trip in both formats, transparent dequantised reads,
-verified reads (checksums of the stored bytes, non-finite rows), and a fingerprint of its own."""
+"""int8 and float8_e4m3 storage (per-row scale in the row): round trip in both formats, transparent
+dequantised reads, verified reads (checksums of the stored bytes, non-finite rows), a fingerprint of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from astrea.shards import DamagedRowError, JoinedDataset
 from astrea.shards.audit import verify
 from astrea.shards.dtypes import (
+    FLOAT8_E4M3,
     dequantize_int8,
     from_storage,
     int8_error,
@@ -48,24 +49,40 @@ def test_quantize_layout_and_edges():
     assert err["rel_to_max"] <= 1 / 254 + 1e-6 and err["max_cos_dist"] < 1e-4
 
 
-def test_nonfinite_rows_get_a_nan_scale():
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3"])
+def test_nonfinite_rows_get_a_nan_scale(dtype):
     x = np.ones((3, 8), np.float32)
     x[1, 2] = np.inf
-    q = quantize_int8(x)
-    assert nonfinite_in_storage(q, "int8") and not nonfinite_in_storage(q[[0, 2]], "int8")
-    assert np.isnan(dequantize_int8(q)[1]).all() and (q[1, :8] == 0).all()
+    q = to_storage(x, dtype)
+    assert nonfinite_in_storage(q, dtype) and not nonfinite_in_storage(q[[0, 2]], dtype)
+    assert np.isnan(from_storage(q, dtype)[1]).all() and (q[1, :8] == 0).all()
+
+
+def test_float8_table_is_torchs_and_outlier_rows_keep_their_small_channels():
+    import torch
+
+    assert np.array_equal(torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy(),
+                          FLOAT8_E4M3, equal_nan=True)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 256)).astype(np.float32)
+    x[:, [3, 100]] *= 50  # a few huge channels, as trained ViTs have: int8's step follows them
+    c8 = _cos(x, from_storage(to_storage(x, "float8_e4m3"), "float8_e4m3")).min()
+    ci = _cos(x, from_storage(to_storage(x, "int8"), "int8")).min()
+    assert c8 >= 0.999 and c8 > ci
 
 
 def test_fingerprint_differs_from_float16():
     assert make_spec(dtype="int8").fingerprint() != make_spec(dtype="float16").fingerprint()
+    assert make_spec(dtype="int8").fingerprint() != make_spec(dtype="float8_e4m3").fingerprint()
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_round_trip_transparent_and_verified(store, fmt):
-    spec = make_spec(fmt=fmt, dtype="int8", grid=4, token_dim=64, pooled_dim=32)
+@pytest.mark.parametrize("fmt,dtype", [("zarr", "int8"), ("wds", "int8"), ("zarr", "float8_e4m3"),
+                                       ("wds", "float8_e4m3")])
+def test_round_trip_transparent_and_verified(store, fmt, dtype):
+    spec = make_spec(fmt=fmt, dtype=dtype, grid=4, token_dim=64, pooled_dim=32)
     edir = store.expert_dir("ds", spec, create=True)
     stats = write_unit(edir, "00000", N, failed={keys_of("00000", N)[1]})
-    assert stats["dtype"] == "int8" and stats["nonfinite_rows"] == 0
+    assert stats["dtype"] == dtype and stats["nonfinite_rows"] == 0
     idx = pq.read_table(edir.index_path("00000")).to_pylist()
     assert idx[0]["tokens_shape"] == [16, 64] and idx[0]["pooled_shape"] == [32]  # feature shapes, not stored
     recs = [r for r in edir.iter_unit("00000") if r.status == "ok"]
@@ -73,7 +90,7 @@ def test_round_trip_transparent_and_verified(store, fmt):
     for r in recs:
         t, p, _ = features(r.key, spec)
         assert r.tokens.dtype == np.float32 and r.tokens.shape == (16, 64) and r.pooled.shape == (32,)
-        assert np.array_equal(r.tokens, dequantize_int8(quantize_int8(t)))
+        assert np.array_equal(r.tokens, from_storage(to_storage(t, dtype), dtype))
         assert _cos(t, r.tokens).min() >= 0.999 and _cos(p, r.pooled) >= 0.999
     # the trainer's reader: float32 tokens, no knowledge of the dtype needed
     rec = next(iter(JoinedDataset(store, "ds", ["siglip"], shuffle=False)))
@@ -95,9 +112,9 @@ def test_flipped_code_byte_is_caught(store):
     assert not verify(store).ok
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_nonfinite_row_is_counted_and_refused_on_read(store, fmt):
-    spec = make_spec(fmt=fmt, dtype="int8")
+@pytest.mark.parametrize("fmt,dtype", [("zarr", "int8"), ("wds", "int8"), ("wds", "float8_e4m3")])
+def test_nonfinite_row_is_counted_and_refused_on_read(store, fmt, dtype):
+    spec = make_spec(fmt=fmt, dtype=dtype)
     edir = store.expert_dir("ds", spec, create=True)
     with edir.open_unit("00000") as w:
         for i, key in enumerate(keys_of("00000", 3)):
