@@ -84,7 +84,7 @@ class ConvertConfig:
             raise ConvertError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
         if self.format is not None and self.format not in FORMATS:
             raise ConvertError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
-        src = Store(self.store).resolve(self.dataset, self.expert)
+        src = _resolve_source(Store(self.store), self.dataset, self.expert)
         if (self.dtype in (None, src.spec.dtype) and self.format in (None, src.spec.format)
                 and (self.out is None or Path(self.out).resolve() == Path(self.store).resolve())):
             raise ConvertError(f"{src.path}: already {src.spec.dtype} / {src.spec.format}; give --dtype or "
@@ -97,6 +97,23 @@ class ConvertConfig:
             units = list(self.units)
         dst = Store(self.out if self.out is not None else self.store)
         return Converter(src, dst, converted_spec(src.spec, dtype=self.dtype, format=self.format), units)
+
+
+def _resolve_source(store: Store, dataset: str, ref: str) -> ExpertDir:
+    """``ref`` as ``Store.resolve`` reads it, except that the conversions of a candidate do not make it
+    ambiguous: rerunning ``convert -e siglip`` after an in-place conversion resumes from the same source."""
+    try:
+        return store.resolve(dataset, ref)
+    except StoreError as e:
+        if "ambiguous" not in str(e):
+            raise
+        name, _, fp = ref.partition("@")
+        cands = [d for d in store.experts(dataset) if d.expert == name and d.fingerprint.startswith(fp)]
+        fps = {d.fingerprint for d in cands}
+        originals = [d for d in cands if d.spec.converted_from.get("fingerprint") not in fps]
+        if len(originals) != 1:
+            raise
+        return originals[0]
 
 
 class Converter:

@@ -107,6 +107,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  arch {i.arch}   weights {w}")
             typer.echo(f"  tokens {i.grid}x{i.grid}x{i.token_dim}   pooled {i.pooled_dim}   dtype {i.dtype}   "
                        f"format {i.format}")
+            if i.converted_from:
+                c = i.converted_from
+                typer.echo(f"  converted from {i.expert}@{c.get('fingerprint')} ({c.get('dtype')}, {c.get('format')}) "
+                           f"by {c.get('by')}")
             typer.echo(f"  units {len(i.units)} committed   images {i.ok} ok / {i.failed} failed   "
                        f"{_size(i.bytes)} ({_size(i.bytes_per_image)}/image)")
             if i.uncommitted or i.temp_files:

@@ -71,6 +71,9 @@ def test_convert_reencodes_with_provenance_and_leaves_the_source(tmp_path, sourc
                 cos = np.sum(x.tokens * y.tokens, 1) / np.linalg.norm(x.tokens, axis=1) / np.linalg.norm(y.tokens, axis=1)
                 assert cos.min() >= 0.999
     assert verify(store).ok
+    # the same command again (the name now matches the source and its conversion): resumes, nothing to do
+    again = ConvertConfig(store=store.root, dataset="ds", expert="siglip", dtype=dtype, format=fmt).build().run()
+    assert again.skipped == UNITS and again.converted == [] and again.target == rep.target
 
 
 def test_nothing_to_convert_and_bad_fields_are_refused(source):
@@ -137,3 +140,21 @@ def test_killed_mid_unit_then_rerun_equals_a_full_conversion(tmp_path, source):
         assert a == b
     assert _tree(store.root) == before  # the source's bytes never changed
     assert verify(Store(out)).ok
+
+
+def test_cli_convert_then_info_shows_provenance(source):
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+
+    store, src = source
+    runner = CliRunner()
+    res = runner.invoke(app, ["shards", "convert", str(store.root), "-d", "ds", "-e", "siglip", "--dtype", "int8",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["converted"] == UNITS and rep["target_bytes"] < rep["source_bytes"]
+    res = runner.invoke(app, ["shards", "info", str(store.root), "-e", f"siglip@{Path(rep['target']).name[7:]}"])
+    assert res.exit_code == 0 and f"converted from siglip@{src.fingerprint} (float16, zarr)" in res.output
+    res = runner.invoke(app, ["shards", "convert", str(store.root), "-d", "ds", "-e", "siglip", "--dtype", "int4"])
+    assert res.exit_code == 2 and "dtype='int4'" in res.output
