@@ -47,7 +47,7 @@ def main() -> None:
         if edir.spec.format == "zarr":
             arrays = [p for n in ("tokens", "pooled") for p in edir.path.glob(f"*.zarr/{n}/c/**/*") if p.is_file()]
             parts = est.experts[0].parts
-            ratio = sum(p.stat().st_size for p in arrays) / (parts["tokens"] + parts["pooled"])
+            ratio = (sum(p.stat().st_size for p in arrays) - parts["shard_index"]) / (parts["tokens"] + parts["pooled"])
         base.outputs_bytes = {edir.expert: int(outputs)}
         base.compression = ratio
         est2 = base.build().run()

@@ -180,7 +180,7 @@ def report(acc: list[dict], byt: list[dict], real: list[dict], learn: list[dict]
               "| format | expert | float16 bytes | int8 bytes | int8 / float16 |", "|---|---|---:|---:|---:|"]
     for r in byt:
         lines.append(f"| {r['format']} | {r['expert']} | {r['float16']:,} | {r['int8']:,} | {r['ratio']:.3f} |")
-    lines += ["", "Data bytes at the real width: 16 images of 576x1152 tokens (+ pooled 1152), one unit", "",
+    lines += ["", "Data bytes at the real width: images of 576x1152 tokens (+ pooled 1152), one unit", "",
               "| features | format | float16 bytes | int8 bytes | int8 / float16 | raw arrays | int8 token cosine min / mean |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for r in real:
@@ -205,6 +205,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--store", default="", help="a float32 extraction of the sample to reuse")
     ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--real-images", type=int, default=16, help="images per unit in the real-width bytes part")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     import torch
@@ -215,7 +216,7 @@ def main() -> None:
         store = Path(a.store) if a.store else extract_sample(tmp / "f32")
         acc = accuracy(store)
         byt = bytes_table(store, tmp)
-        real = real_width_bytes(tmp)
+        real = real_width_bytes(tmp, a.real_images)
         learn = [] if a.skip_learning else learning([int(s) for s in a.seeds.split(",") if s.strip()], a.steps, tmp)
     print()
     print(report(acc, byt, real, learn))

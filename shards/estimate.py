@@ -230,8 +230,9 @@ def unit_estimate(n: int, tokens: int, token_dim: int, pooled_dim: int, dtype: s
     parts["tokens"] = int(n * trow * ratio)
     parts["pooled"] = int(n * prow * ratio)
     parts["outputs"] = n * outputs_bytes  # zstd shrinks repetitive JSON; counted as is (upper bound)
-    parts["container"] = (ZARR_META_BYTES + shards * (4 + ZARR_SHARD_INDEX_BYTES * math.ceil(rows_shard / rows_chunk))
-                          + n * cfg.key_bytes)
+    parts["container"] = ZARR_META_BYTES + n * cfg.key_bytes
+    # each token shard file ends with its index: 16 bytes per chunk it could hold, + a crc32c
+    parts["shard_index"] = shards * (4 + ZARR_SHARD_INDEX_BYTES * math.ceil(rows_shard / rows_chunk))
     # zarr.json x5 (group, tokens, pooled, keys, outputs) + token shard files + pooled chunks + keys + outputs
     files = 5 + shards + math.ceil(n / pchunk) + 2
     return parts, files + 2  # + index + stats
