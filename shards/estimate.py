@@ -161,7 +161,7 @@ class EstimateConfig:
         if not p.is_file():
             raise EstimateError(f"specs: {p} is not an expert.json (nor a directory holding one)")
         try:
-            s = ExpertSpec.from_dict({k: v for k, v in json.loads(p.read_text()).items()}, source=str(p))
+            s = ExpertSpec.from_dict(json.loads(p.read_text()), source=str(p))
         except json.JSONDecodeError as e:
             raise EstimateError(f"specs: {p}: not valid JSON ({e})") from None
         grid, dtype, fmt = self._pick(s.grid, s.dtype, s.format)

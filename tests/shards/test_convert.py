@@ -17,7 +17,7 @@ import pytest
 from astrea.shards import Store
 from astrea.shards.audit import verify
 from astrea.shards.convert import ConvertConfig, ConvertError
-from tests.shards.helpers import features, keys_of, make_spec, write_unit
+from tests.shards.helpers import keys_of, make_spec, write_unit
 
 N = 6
 UNITS = ["00000", "00001", "00002"]
