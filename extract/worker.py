@@ -70,7 +70,11 @@ def prepare_output(spec: Any, o: Any, measure: bool) -> tuple[np.ndarray, np.nda
         raise ValueError(f"{n or 'some'} value(s) overflow {spec.dtype} storage; extract with "
                          "--dtype bfloat16 or float32")
     err = None
-    if measure and spec.dtype != "float32":
+    if measure and spec.dtype in ("int8", "float8_e4m3"):  # relative-to-element error means little with a per-row scale
+        from astrea.shards.dtypes import int8_error
+
+        err = int8_error(tokens, st_tokens, spec.dtype)
+    elif measure and spec.dtype != "float32":
         from astrea.extract.experts.common import storage_error
 
         err = storage_error(np.concatenate([tokens.ravel(), pooled]), spec.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 from astrea.errors import AstreaError
 
 SCHEMA_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")  # the last two: per-row scale, see astrea.shards.dtypes
 FORMATS = ("zarr", "wds")
 
 
@@ -49,6 +49,10 @@ class ExpertSpec:
     # read as ""). Provenance only, outside the fingerprint: two files holding the same tensors (a
     # .pt and its .safetensors copy) give the same features, which weights_sha256 already follows.
     weights_file_sha256: str = ""
+    # Set by `astrea shards convert`: the directory these bytes were re-encoded from (its fingerprint, dtype,
+    # format). Hashed when set: int8 from float16 is not int8 from the model's float32, so the two never share
+    # a directory. Left out of the hash and of expert.json when empty, so no existing fingerprint changes.
+    converted_from: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -76,6 +80,8 @@ class ExpertSpec:
         if not self.random_weights:
             d.pop("seed")
         d["random_weights"] = self.random_weights
+        if not self.converted_from:
+            d.pop("converted_from")
         return d
 
     def fingerprint(self) -> str:
@@ -89,6 +95,11 @@ class ExpertSpec:
         d = dataclasses.asdict(self)
         d["fingerprint"] = self.fingerprint()
         d["random_weights"] = self.random_weights
+        # empty provenance fields stay out of expert.json: a store that does not use them stays readable
+        # by an astrea that predates them
+        for k in ("converted_from", "weights_file_sha256"):
+            if not d[k]:
+                d.pop(k)
         return d
 
     def to_json(self) -> str:

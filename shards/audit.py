@@ -42,6 +42,7 @@ class ExpertInfo:
     grid: int = 0
     token_dim: int = 0
     pooled_dim: int = 0
+    converted_from: dict = field(default_factory=dict)  # set by `astrea shards convert`
     units: list[UnitInfo] = field(default_factory=list)
     uncommitted: list[str] = field(default_factory=list)  # data or index without a stats file
     temp_files: list[str] = field(default_factory=list)
@@ -104,6 +105,7 @@ def scan(store: Store, dataset: str | None = None, expert: str | None = None) ->
             info.expert, info.fingerprint, info.arch, info.weights = s.expert, s.fingerprint(), s.arch, s.weights
             info.random_weights, info.dtype, info.format = s.random_weights, s.dtype, s.format
             info.grid, info.token_dim, info.pooled_dim = s.grid, s.token_dim, s.pooled_dim
+            info.converted_from = dict(s.converted_from)
             info.temp_files = [p.name for p in edir.temp_files()]
             for u in edir.units():
                 if not edir.stats_path(u).exists():

@@ -43,7 +43,7 @@ from astrea.schemas.unit import (
     stable_reason,
 )
 from astrea.shards import fsutil
-from astrea.shards.dtypes import nonfinite_in_storage, to_storage
+from astrea.shards.dtypes import logical_shape, nonfinite_in_storage, stored_shape, to_storage
 from astrea.shards.errors import StoreError, UnitCommittedError
 
 if TYPE_CHECKING:
@@ -111,12 +111,14 @@ class UnitWriter(ABC):
         spec = self.spec
         t = to_storage(tokens, spec.dtype)
         p = to_storage(pooled, spec.dtype)
-        if t.shape != (spec.num_tokens, spec.token_dim):
-            raise ValueError(f"{self._where()}: key {key!r}: tokens shape {tuple(t.shape)}, the spec says "
-                             f"({spec.num_tokens}, {spec.token_dim}) (grid {spec.grid}x{spec.grid}, token_dim)")
-        if p.shape != (spec.pooled_dim,):
-            raise ValueError(f"{self._where()}: key {key!r}: pooled shape {tuple(p.shape)}, the spec says "
-                             f"({spec.pooled_dim},)")
+        # int8 rows carry their scale (stored_shape); the index and the messages give the feature shape
+        if t.shape != stored_shape((spec.num_tokens, spec.token_dim), spec.dtype):
+            raise ValueError(f"{self._where()}: key {key!r}: tokens shape {logical_shape(t.shape, spec.dtype)}, "
+                             f"the spec says ({spec.num_tokens}, {spec.token_dim}) (grid {spec.grid}x{spec.grid}, "
+                             "token_dim)")
+        if p.shape != stored_shape((spec.pooled_dim,), spec.dtype):
+            raise ValueError(f"{self._where()}: key {key!r}: pooled shape {logical_shape(p.shape, spec.dtype)}, "
+                             f"the spec says ({spec.pooled_dim},)")
         out = outputs_to_json(outputs)
         if nonfinite_in_storage(t, spec.dtype) or nonfinite_in_storage(p, spec.dtype):
             self._nonfinite += 1  # kept (the values are what the expert produced) but counted in stats
@@ -126,7 +128,8 @@ class UnitWriter(ABC):
         self._n_ok += 1
         self._rows.append({
             "key": key, "status": STATUS_OK, "error": None, "caption": caption, "labels": _labels(labels),
-            "index": index, "tokens_shape": list(t.shape), "pooled_shape": list(p.shape),
+            "index": index, "tokens_shape": list(logical_shape(t.shape, spec.dtype)),
+            "pooled_shape": list(logical_shape(p.shape, spec.dtype)),
             "checksum": row_checksum(t, p, out),
         })
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from astrea.schemas.unit import UNIT_SCHEMA_VERSION
-from astrea.shards.dtypes import numpy_storage_dtype
+from astrea.shards.dtypes import numpy_storage_dtype, stored_width
 from astrea.shards.writer import UnitWriter
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: one 576x1152 fp16 image is 1.3 MiB, so one image per chunk
@@ -72,15 +72,16 @@ class ZarrUnitWriter(UnitWriter):
         zarr = _zarr()
         spec = self.spec
         dt = numpy_storage_dtype(spec.dtype)
-        row_bytes = spec.num_tokens * spec.token_dim * dt.itemsize
+        tdim = stored_width(spec.token_dim, spec.dtype)  # int8 rows carry their scale
+        row_bytes = spec.num_tokens * tdim * dt.itemsize
         self._rows_per_chunk = chunk_rows(row_bytes)
         # Rows are buffered and written a whole shard at a time (no read-modify-write of a shard file).
         self._rows_per_shard = self._rows_per_chunk * max(1, SHARD_BYTES // (row_bytes * self._rows_per_chunk))
         self._group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         self._tokens = self._group.create_array(
-            "tokens", shape=(0, spec.num_tokens, spec.token_dim), dtype=dt,
-            chunks=(self._rows_per_chunk, spec.num_tokens, spec.token_dim),
-            shards=(self._rows_per_shard, spec.num_tokens, spec.token_dim),
+            "tokens", shape=(0, spec.num_tokens, tdim), dtype=dt,
+            chunks=(self._rows_per_chunk, spec.num_tokens, tdim),
+            shards=(self._rows_per_shard, spec.num_tokens, tdim),
             compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
             dimension_names=("image", "token", "channel"))
         self._pending: list[np.ndarray] = []
@@ -163,9 +164,10 @@ class ZarrUnitWriter(UnitWriter):
             self._stop_thread()
         n = self._written
         dt = numpy_storage_dtype(spec.dtype)
-        pooled = np.stack(self._pooled) if self._pooled else np.zeros((0, spec.pooled_dim), dt)
-        prow = chunk_rows(spec.pooled_dim * dt.itemsize * 64) * 64
-        arr = self._group.create_array("pooled", shape=pooled.shape, dtype=dt, chunks=(max(1, min(prow, n or 1)), spec.pooled_dim),
+        pdim = stored_width(spec.pooled_dim, spec.dtype)
+        pooled = np.stack(self._pooled) if self._pooled else np.zeros((0, pdim), dt)
+        prow = chunk_rows(pdim * dt.itemsize * 64) * 64
+        arr = self._group.create_array("pooled", shape=pooled.shape, dtype=dt, chunks=(max(1, min(prow, n or 1)), pdim),
                                        compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL), fill_value=0,
                                        dimension_names=("image", "channel"))
         if n:

@@ -9,12 +9,12 @@ import typer
 
 from astrea.cli._common import user_errors
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
 def bytes_per_image(token_dim: int, pooled_dim: int, grid: int, dtype: str) -> int:
-    """Array bytes one image costs in the store: tokens [grid*grid, D] + pooled [D'] (before compression)."""
-    return (grid * grid * token_dim + pooled_dim) * _ITEMSIZE[dtype]
+    """Array bytes one image costs in the store: tokens [grid*grid, D] + pooled [D'] (before compression;
+    int8 rows carry a 4-byte scale). `astrea shards estimate` adds index, outputs and container bytes."""
+    from astrea.shards.dtypes import itemsize, stored_width
+
+    return (grid * grid * stored_width(token_dim, dtype) + stored_width(pooled_dim, dtype)) * itemsize(dtype)
 
 
 def expert_rows(grid: int, dtype: str) -> list[dict[str, Any]]:
@@ -62,8 +62,10 @@ def register(app: typer.Typer) -> None:
         image at the given grid and dtype. `*` marks the real-size default, `s` the --small default."""
         from astrea.cli._common import AstreaError
 
-        if dtype not in _ITEMSIZE:
-            raise AstreaError(f"--dtype {dtype!r} is not valid; choose one of {list(_ITEMSIZE)}")
+        from astrea.schemas import STORAGE_DTYPES
+
+        if dtype not in STORAGE_DTYPES:
+            raise AstreaError(f"--dtype {dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
         if grid < 1:
             raise AstreaError(f"--grid {grid} must be >= 1")
         rows = expert_rows(grid, dtype)

@@ -42,7 +42,7 @@ def extract(
     small: bool = typer.Option(False, "--small", help="Each expert's small test/demo variant (random weights; fast on CPU)."),
     option: list[str] = typer.Option([], "--option", help="Expert-specific setting EXPERT.KEY=VALUE (JSON value), e.g. grounding_dino.box_threshold=0.3."),
     fmt: str = typer.Option("zarr", "--format", help="Unit format: zarr | wds."),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of tokens and pooled: float16 | bfloat16 | float32."),
+    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of tokens and pooled: float16 | bfloat16 | float32 | int8 (per-token scale: 0.5x the bytes of float16, dequantised to float32 on read; docs/store.md)."),
     grid: int = typer.Option(24, "--grid", help="Tokens are resampled to GRID x GRID (24 -> 576 tokens)."),
     compute_dtype: str = typer.Option("auto", "--compute-dtype", help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
     seed: int = typer.Option(0, "--seed", help="Init seed for random weights."),

@@ -1,4 +1,5 @@
-"""CLI for 'shards': inspect and verify the feature store (thin: logic in astrea.shards.audit)."""
+"""CLI for 'shards': inspect, verify, convert and plan the feature store (thin: logic in astrea.shards.audit,
+astrea.shards.convert and astrea.shards.estimate)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def register(app: typer.Typer) -> None:
     shards_app = typer.Typer(
         help="Inspect the feature store: datasets, experts and fingerprints, units, images ok/failed, bytes; "
-             "verify checksums.",
+             "verify checksums; convert an expert directory to another dtype/format; estimate a store's size.",
         no_args_is_help=True)
     app.add_typer(shards_app, name="shards")
 
@@ -106,6 +107,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  arch {i.arch}   weights {w}")
             typer.echo(f"  tokens {i.grid}x{i.grid}x{i.token_dim}   pooled {i.pooled_dim}   dtype {i.dtype}   "
                        f"format {i.format}")
+            if i.converted_from:
+                c = i.converted_from
+                typer.echo(f"  converted from {i.expert}@{c.get('fingerprint')} ({c.get('dtype')}, {c.get('format')}) "
+                           f"by {c.get('by')}")
             typer.echo(f"  units {len(i.units)} committed   images {i.ok} ok / {i.failed} failed   "
                        f"{_size(i.bytes)} ({_size(i.bytes_per_image)}/image)")
             if i.uncommitted or i.temp_files:
@@ -148,3 +153,91 @@ def register(app: typer.Typer) -> None:
                        f"{rep.rows_checked} key(s) checked in {st.root}")
         if not rep.ok:
             raise typer.Exit(1)
+
+    @shards_app.command("convert")
+    @user_errors
+    def convert(
+        store: Optional[Path] = typer.Argument(None, help=STORE_HELP, show_default=False, metavar="STORE"),
+        dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset of the expert directory to convert."),
+        expert: str = typer.Option(..., "--expert", "-e", help="Expert directory: NAME or NAME@FINGERPRINT (prefix)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="New storage dtype: float16 | bfloat16 | float32 | "
+                                            "int8 (per-token scale) (default: the source's)."),
+        fmt: Optional[str] = typer.Option(None, "--format", help="New unit format: zarr | wds (default: the source's)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write into this store instead (same dataset name) "
+                                           "(default: STORE, beside the source)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Re-encode an expert directory into another storage dtype and/or format without running the expert.
+
+        The result is a new directory EXPERT@NEWFINGERPRINT whose expert.json records where it came from
+        (converted_from: source fingerprint, dtype, format); each unit's stats name the source unit's index
+        hash. The source is only read (every row verified). Units are committed one by one with the store's
+        commit protocol: an interrupted conversion leaves no partial unit, and rerunning the same command
+        skips the units already converted and finishes the rest."""
+        from astrea.shards.convert import ConvertConfig
+
+        st = _store(store)
+        rep = ConvertConfig(store=st.root, dataset=dataset, expert=expert, dtype=dtype, format=fmt,
+                            out=out).build().run()
+        if as_json:
+            typer.echo(json.dumps(rep.to_dict(), indent=2))
+        else:
+            typer.echo(f"{rep.source} -> {rep.target} ({rep.dtype}, {rep.format})")
+            typer.echo(f"  converted {len(rep.converted)} unit(s), {rep.rows} key(s); skipped {len(rep.skipped)} "
+                       "already converted" + (f"; {len(rep.busy)} busy (another writer): {', '.join(rep.busy)}"
+                                                  if rep.busy else ""))
+            if rep.source_bytes:
+                typer.echo(f"  bytes: {_size(rep.source_bytes)} -> {_size(rep.target_bytes)} "
+                           f"({rep.target_bytes / rep.source_bytes:.3f}x) for the units converted now")
+        if rep.busy:
+            raise typer.Exit(1)
+
+    @shards_app.command("estimate")
+    @user_errors
+    def estimate(
+        expert: list[str] = typer.Option([], "--expert", "-e", help="NAME (its default variant) or NAME=VARIANT, "
+                                         "e.g. sam2=hiera_large; repeatable. See `astrea experts ls`."),
+        images: int = typer.Option(..., "--images", "-n", help="How many images the store will hold."),
+        grid: Optional[int] = typer.Option(None, "--grid", help="Token grid (24 -> 576 tokens) (default: 24, or the spec's)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 | bfloat16 | float32 | int8 "
+                                            "(default: float16, or the spec's)."),
+        fmt: Optional[str] = typer.Option(None, "--format", help="zarr | wds (default: zarr, or the spec's)."),
+        spec: list[Path] = typer.Option([], "--spec", help="An expert.json (or its directory) to size instead of "
+                                        "a registry variant; repeatable."),
+        small: bool = typer.Option(False, "--small", help="Use each expert's small test variant."),
+        images_per_unit: int = typer.Option(10_000, "--images-per-unit", help="Images per source shard (one "
+                                            "unit per shard; img2dataset writes 10,000)."),
+        caption_bytes: int = typer.Option(60, "--caption-bytes", help="Mean caption length in bytes (index)."),
+        outputs_bytes: list[str] = typer.Option([], "--outputs-bytes", help="EXPERT=BYTES: measured outputs JSON "
+                                                "per image (default: an assumption per expert, printed)."),
+        compression: Optional[float] = typer.Option(None, "--compression", help="Stored/raw ratio of the "
+                                                    "zarr arrays (zstd), e.g. 0.92 (default: none, an upper bound)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Bytes and files a store will take for N images, from the experts' specs alone (no model is built
+        or run): token and pooled widths from the variant tables (or an expert.json), the grid, the storage
+        dtype (int8 adds a 4-byte scale per token) and the unit format's container, index and metadata.
+        Arrays are exact before compression; outputs JSON sizes are assumptions unless --outputs-bytes."""
+        from astrea.cli._common import AstreaError
+        from astrea.shards.estimate import EstimateConfig
+
+        ob: dict[str, int] = {}
+        for item in outputs_bytes:
+            name, sep, val = item.partition("=")
+            if not sep or not val.strip().isdigit():
+                raise AstreaError(f"--outputs-bytes {item!r}: use EXPERT=BYTES, e.g. sam2=6000")
+            ob[name] = int(val)
+        est = EstimateConfig(experts=list(expert), images=images, grid=grid, dtype=dtype, format=fmt,
+                             specs=list(spec), small=small, images_per_unit=images_per_unit,
+                             caption_bytes=caption_bytes, outputs_bytes=ob, compression=compression).build().run()
+        if as_json:
+            typer.echo(json.dumps(est.to_dict(), indent=2))
+            return
+        rows = [(e.expert, e.arch, f"{e.grid}x{e.grid}x{e.token_dim}", e.dtype, e.format, str(e.units),
+                 f"{e.files:,}", _size(e.bytes_per_image), _size(e.bytes)) for e in est.experts]
+        rows.append(("total", "", "", "", "", "", f"{est.files:,}", _size(est.bytes / est.images), _size(est.bytes)))
+        typer.echo(f"{est.images:,} images, {est.images_per_unit:,} per unit")
+        _table(("expert", "arch", "tokens", "dtype", "format", "units", "files", "bytes/img", "bytes"), rows)
+        a = est.assumptions
+        typer.echo(f"\nassumed: outputs JSON bytes/image {a['outputs_bytes_per_image']} (--outputs-bytes), "
+                   f"captions {a['caption_bytes']} B; zarr arrays {a['zarr_arrays']}")

@@ -60,7 +60,10 @@ def test_experts_ls_table_and_json():
     res = runner.invoke(app, ["experts", "ls", "--grid", "12", "--dtype", "float32", "--json"])
     r = {(x["expert"], x.get("variant")): x for x in json.loads(res.output)}[("siglip", "siglip.so400m_14_384")]
     assert r["bytes_per_image"] == (144 * 1152 + 1152) * 4
-    res = runner.invoke(app, ["experts", "ls", "--dtype", "int8"])
+    res = runner.invoke(app, ["experts", "ls", "--grid", "24", "--dtype", "int8", "--json"])
+    r = {(x["expert"], x.get("variant")): x for x in json.loads(res.output)}[("siglip", "siglip.so400m_14_384")]
+    assert r["bytes_per_image"] == 576 * (1152 + 4) + (1152 + 4)  # one byte a value + a float32 scale per row
+    res = runner.invoke(app, ["experts", "ls", "--dtype", "int4"])
     assert res.exit_code == 2 and "--dtype" in res.output
 
 

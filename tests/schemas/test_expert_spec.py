@@ -23,6 +23,17 @@ def test_fingerprint_is_stable_and_ignores_where_weights_came_from():
         assert dataclasses.replace(a, **change).fingerprint() != a.fingerprint(), change
 
 
+def test_conversion_provenance_is_hashed_only_when_set():
+    a = make_spec()
+    # the values of every store written before `converted_from` existed (pinned: they must not move)
+    assert a.fingerprint() == "1318a6919bcd"
+    assert make_spec(fmt="wds", dtype="float32").fingerprint() == "618e1e7bb1a0"
+    assert "converted_from" not in json.loads(a.to_json())
+    c = dataclasses.replace(a, dtype="int8", converted_from={"fingerprint": a.fingerprint(), "dtype": "float16"})
+    assert c.fingerprint() != dataclasses.replace(a, dtype="int8").fingerprint()
+    assert ExpertSpec.from_json(c.to_json()) == c and json.loads(c.to_json())["converted_from"]["dtype"] == "float16"
+
+
 def test_json_roundtrip_and_errors():
     a = make_spec()
     assert ExpertSpec.from_json(a.to_json()) == a
@@ -33,8 +44,8 @@ def test_json_roundtrip_and_errors():
         ExpertSpec.from_dict({**d, "schema_version": 0})
     with pytest.raises(SpecError, match="not valid JSON"):
         ExpertSpec.from_json("{", source="x")
-    with pytest.raises(SpecError, match="dtype='int8'"):
-        make_spec(dtype="int8")
+    with pytest.raises(SpecError, match="dtype='int4'"):
+        make_spec(dtype="int4")
     with pytest.raises(SpecError, match="format='hdf5'"):
         make_spec(fmt="hdf5")
 

@@ -25,3 +25,29 @@ def test_post_forward_benchmark_runs(monkeypatch, capsys):
     runpy.run_path(str(ROOT / "benchmarks" / "post_forward.py"), run_name="__main__")
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
     assert len(rows) == 1 + 4 and rows[-1].startswith("| measure per window + write (astrea extract) |")
+
+
+def _sample_like_store(root: Path) -> Path:
+    from astrea.shards import Store
+    from tests.shards.helpers import make_spec, write_unit
+
+    for name in ("siglip", "ram_plus", "grounding_dino", "sam2"):
+        e = Store(root).expert_dir("sample", make_spec(name, dtype="float32", grid=2, token_dim=8, pooled_dim=8), create=True)
+        write_unit(e, "00000", 3)
+    return root
+
+
+def test_int8_storage_benchmark_runs(tmp_path, monkeypatch, capsys):
+    store = _sample_like_store(tmp_path / "f32")
+    monkeypatch.setattr(sys, "argv", ["int8_storage.py", "--store", str(store), "--skip-learning", "--real-images", "1"])
+    runpy.run_path(str(ROOT / "benchmarks" / "int8_storage.py"), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == (1 + 6) + (1 + 8) + (1 + 4)  # accuracy, sample bytes, real-width bytes
+
+
+def test_estimate_benchmark_runs(tmp_path, monkeypatch, capsys):
+    store = _sample_like_store(tmp_path / "s")
+    monkeypatch.setattr(sys, "argv", ["estimate.py", str(store)])
+    runpy.run_path(str(ROOT / "benchmarks" / "estimate.py"), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 4

@@ -21,7 +21,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "store.md"
 PLACEHOLDER = "STORE/DATASET/EXPERT@FINGERPRINT"
 
 CASES = [("zarr", "zarr", "float16"), ("zarr", "zarr", "bfloat16"), ("webdataset", "wds", "float16"),
-         ("webdataset", "wds", "bfloat16"), ("tarfile", "wds", "float32")]
+         ("webdataset", "wds", "bfloat16"), ("tarfile", "wds", "float32"), ("zarr", "zarr", "int8"),
+         ("webdataset", "wds", "int8"), ("tarfile", "wds", "int8")]
 
 # Runs every case in one fresh interpreter (one start-up instead of five), each snippet in its own namespace.
 RUNNER = '''
