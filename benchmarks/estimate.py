@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="sample")
     a = ap.parse_args()
     from astrea.shards import Store
-    from astrea.shards.estimate import EstimateConfig
+    from astrea.extract.estimate import EstimateConfig
 
     store = Store(a.store)
     print("| expert | dtype / format | images (ok) | per unit | on disk | files | estimate (defaults) | ratio | "

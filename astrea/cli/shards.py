@@ -1,5 +1,5 @@
 """CLI for 'shards': inspect, verify, convert and plan the feature store (thin: logic in astrea.shards.audit,
-astrea.shards.convert and astrea.shards.estimate)."""
+astrea.shards.convert and astrea.extract.estimate)."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def register(app: typer.Typer) -> None:
         dtype (int8 adds a 4-byte scale per token) and the unit format's container, index and metadata.
         Arrays are exact before compression; outputs JSON sizes are assumptions unless --outputs-bytes."""
         from astrea.cli._common import AstreaError
-        from astrea.shards.estimate import EstimateConfig
+        from astrea.extract.estimate import EstimateConfig
 
         ob: dict[str, int] = {}
         for item in outputs_bytes:

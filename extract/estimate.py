@@ -1,7 +1,7 @@
 """Plan a store before extracting: bytes and files for N images, from the experts' specs alone.
 
 ```python
-from astrea.shards.estimate import EstimateConfig
+from astrea.extract.estimate import EstimateConfig
 est = EstimateConfig(experts=["siglip", "sam2=hiera_large"], images=558_000, dtype="int8").build().run()
 ```
 Token and pooled widths come from the expert modules' ``VARIANTS`` tables (or an ``expert.json``); no
