@@ -234,11 +234,14 @@ GAIN_TARGET = 0.1  # nats per target token: "clearly below its permuted control"
 
 
 def _warmup_note(tsummary: dict[str, Any]) -> str:
-    w = ((tsummary or {}).get("llm") or {}).get("text_warmup")
+    llm = (tsummary or {}).get("llm") or {}
+    w, tok = llm.get("text_warmup"), llm.get("tokenizer") or {}
     if not w:
         return " and no warm-up: it knows no language"
+    fitted = (f", with a byte-level BPE tokenizer of {tok['vocab']} entries fitted on the same texts"
+              if tok.get("kind") == "fitted" else "")
     return (f", then trained by astrea for {w['steps']} steps on {w['texts']} target texts of the sample's training "
-            "split, text only, no images (a stand-in for the paper's pretrained LLM)")
+            f"split, text only, no images{fitted} (a stand-in for the paper's pretrained LLM)")
 
 
 def _image_use(metrics: dict[str, Any]) -> tuple[str, bool]:
@@ -248,17 +251,23 @@ def _image_use(metrics: dict[str, Any]) -> tuple[str, bool]:
     rows = ["## Does the model use the image?", "",
             "Held-out L_reg (nats per target token) of each pre-alignment stage with the true images, and with "
             "each held-out image's features replaced by another held-out image's (same texts). The gain is what "
-            "the visual path contributes.", "",
-            "| stage | L_reg, true images | L_reg, permuted images | image gain | gain > 0 | gain >= " + f"{GAIN_TARGET:g} |",
-            "|---|---:|---:|---:|---|---|"]
+            "the visual path contributes. Per token depends on the tokenizer; *per target* (the loss of the whole "
+            "target text, summed over its tokens) does not.", "",
+            "| stage | L_reg, true images | L_reg, permuted images | image gain | gain > 0 | gain >= " + f"{GAIN_TARGET:g} "
+            "| gain per target (nats) |",
+            "|---|---:|---:|---:|---|---|---:|"]
+    lines, plines = h.get("lines") or {}, hp.get("lines") or {}
     ok = positive = bool(h.get("stages"))
     for name, true in (h.get("stages") or {}).items():
         perm = (hp.get("stages") or {}).get(name)
         gain = perm - true if isinstance(true, int | float) and isinstance(perm, int | float) else None
         passed = gain is not None and gain >= GAIN_TARGET
         ok, positive = ok and passed, positive and gain is not None and gain > 0
+        per_target = None
+        if lines.get(name) and set(lines[name]) == set(plines.get(name) or {}):
+            per_target = sum(plines[name].values()) - sum(lines[name].values())
         rows.append(f"| {name} | {_fmt(true)} | {_fmt(perm)} | {_fmt(gain)} | {'yes' if gain is not None and gain > 0 else '**no**'} "
-                    f"| {'yes' if passed else 'no'} |")
+                    f"| {'yes' if passed else 'no'} | {_fmt(per_target)} |")
     if ok:
         verdict = (f"**Every pre-alignment stage uses the image**: held-out loss with true images is at least "
                    f"{GAIN_TARGET:g} nats/token below the permuted control.")

@@ -59,6 +59,11 @@ class LLMConfig:
     text_warmup_lr: float = 3e-3
     text_warmup_batch: int = 16
     text_warmup_texts: int = 4096  # distinct (prompt, target) pairs read at most
+    # tiny-random only: "fitted" trains a byte-level BPE of at most tokenizer_vocab entries on the warm-up's
+    # texts (training split) before the LLM is built; "bytes" is one token per byte. Without warm-up texts
+    # (text_warmup_steps: 0) the tokenizer is bytes either way; run.json records which one was used.
+    tokenizer: str = "fitted"
+    tokenizer_vocab: int = 1024
 
 
 @dataclass
@@ -184,6 +189,8 @@ class TrainConfig:
             ("llm.text_warmup_epochs", self.llm.text_warmup_epochs > 0, "must be > 0"),
             ("llm.text_warmup_batch", self.llm.text_warmup_batch >= 1, "must be >= 1"),
             ("llm.text_warmup_texts", self.llm.text_warmup_texts >= 1, "must be >= 1"),
+            ("llm.tokenizer", self.llm.tokenizer in ("fitted", "bytes"), "must be 'fitted' or 'bytes'"),
+            ("llm.tokenizer_vocab", self.llm.tokenizer_vocab >= 260, "must be >= 260 (4 specials + 256 bytes)"),
         ]
         for name, ok, fix in checks:
             if not ok:

@@ -9,7 +9,6 @@ with it says so (``random_weights`` in the run summary and saved config).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,25 +30,31 @@ class LoadedLLM:
     random_weights: bool
     source: str  # what was loaded: "tiny-random", a hub id, or a path
     text_warmup: dict[str, Any] | None = None  # what the text-only warm-up did (tiny-random), see text_warmup.py
+    tokenizer_info: dict[str, Any] | None = None  # tiny-random: which tokenizer it was built with
 
 
 def build_llm(
     cfg: LLMConfig,
     *,
     from_dir: str | Path | None = None,
-    warmup: Callable[[nn.Module, Any], dict[str, Any]] | None = None,
+    warmup: Any = None,
 ) -> LoadedLLM:
     """Build (tiny-random) or load the LLM; ``from_dir`` reloads a run's saved copy (resume, eval).
 
     ``warmup(model, tokenizer)`` runs on a freshly built tiny-random LLM before it is frozen or wrapped
-    with LoRA (the text-only warm-up); a reloaded or hub LLM is never warmed up again."""
+    with LoRA (the text-only warm-up); with ``llm.tokenizer: fitted``, ``warmup.texts()`` first gives the
+    texts the tokenizer is fitted on. A reloaded or hub LLM is never warmed up again."""
     if from_dir is not None and Path(from_dir).is_dir():
         loaded = _load_pretrained(str(from_dir), local_only=True)
         loaded.random_weights = cfg.name == TINY
         loaded.source = cfg.name
+        if cfg.name == TINY:  # a saved tiny LLM: the byte tokenizer has exactly specials + 256 entries
+            n = len(loaded.tokenizer)
+            loaded.tokenizer_info = {"kind": "bytes" if n == 260 else "fitted", "vocab": n}
     elif cfg.name == TINY:
-        loaded = _tiny_random(cfg)
-        if warmup is not None and cfg.text_warmup_steps > 0:
+        warm = warmup is not None and cfg.text_warmup_steps > 0
+        loaded = _tiny_random(cfg, warmup.texts() if warm and cfg.tokenizer == "fitted" else None)
+        if warm:
             loaded.text_warmup = warmup(loaded.model, loaded.tokenizer)
     else:
         loaded = _load_pretrained(cfg.name, local_only=_offline())
@@ -74,12 +79,18 @@ def save_llm(loaded: LoadedLLM, out_dir: str | Path) -> None:
     loaded.tokenizer.save_pretrained(out_dir)
 
 
-def _tiny_random(cfg: LLMConfig) -> LoadedLLM:
+def _tiny_random(cfg: LLMConfig, texts: list[str] | None = None) -> LoadedLLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from astrea.train.tokenizer import byte_level_tokenizer
+    from astrea.train.tokenizer import byte_level_tokenizer, fitted_tokenizer
 
-    tok = byte_level_tokenizer()
+    if texts:
+        tok = fitted_tokenizer(texts, cfg.tokenizer_vocab)
+        info = {"kind": "fitted", "vocab": len(tok), "fitted_on_texts": len(texts),
+                "what": "byte-level BPE fitted by astrea on the training split's prompts and targets"}
+    else:
+        tok = byte_level_tokenizer()
+        info = {"kind": "bytes", "vocab": len(tok)}
     conf = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=cfg.hidden_size,
@@ -100,7 +111,7 @@ def _tiny_random(cfg: LLMConfig) -> LoadedLLM:
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(conf)
     model.eval()
-    return LoadedLLM(model, tok, cfg.hidden_size, random_weights=True, source=TINY)
+    return LoadedLLM(model, tok, cfg.hidden_size, random_weights=True, source=TINY, tokenizer_info=info)
 
 
 def _load_pretrained(name: str, *, local_only: bool) -> LoadedLLM:

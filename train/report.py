@@ -139,6 +139,9 @@ def report(run: str | Path, *, evaluate: bool = True, eval_kwargs: dict[str, Any
             parts.append(f"the LLM ({llm.get('source')}) has RANDOM-init weights warmed up by astrea on this "
                          f"dataset's training-split target texts only ({w['steps']} steps, {w['texts']} texts, "
                          "no images): not a pretrained model")
+            tok = llm.get("tokenizer") or {}
+            if tok.get("kind") == "fitted":
+                parts.append(f"its tokenizer is a byte-level BPE of {tok['vocab']} entries fitted on the same texts")
         elif llm.get("random_weights"):
             parts.append(f"the LLM ({llm.get('source')}) has RANDOM WEIGHTS")
         if rnd_experts:

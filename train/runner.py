@@ -97,7 +97,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     _seed(cfg.seed)
     llm_dir = run_dir / "llm"
     from_dir = _tiny_llm_dir(cfg, llm_dir)
-    llm = build_llm(cfg.llm, from_dir=from_dir, warmup=_text_warmup(cfg, stages, device))
+    llm = build_llm(cfg.llm, from_dir=from_dir, warmup=_TextWarmup(cfg, stages, device))
     if from_dir is not None:  # resumed, or init_from: that run's llm/ holds the warmed weights
         llm.text_warmup = ((_read_run_json(from_dir.parent) or {}).get("llm") or {}).get("text_warmup")
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
@@ -199,49 +199,62 @@ def _llm_info(llm) -> dict[str, Any]:
     info = {"source": llm.source, "hidden_size": llm.hidden_size, "random_weights": llm.random_weights}
     if llm.text_warmup:
         info["text_warmup"] = llm.text_warmup
+    if llm.tokenizer_info:
+        info["tokenizer"] = llm.tokenizer_info
     return info
 
 
-def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
-    """The warm-up callable for build_llm: the run's own prompts and targets, training split only."""
+class _TextWarmup:
+    """The text-only warm-up for build_llm: the run's own prompts and targets, training split only.
 
-    def warm(model, tokenizer) -> dict[str, Any]:
-        from astrea.train.data import Collator, StoreReadLog, is_heldout, store_opener
-        from astrea.train.text_warmup import collect_texts, warm_up
+    ``texts()`` gives the raw texts a fitted tokenizer is trained on; calling it with (model, tokenizer)
+    fits the targets with that tokenizer, as the stages will, and trains the model on them."""
 
-        experts = list(dict.fromkeys(e for s in stages for e in s.required_experts()))
-        opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1,
-                              log=StoreReadLog(skip_damaged=cfg.dataset.skip_damaged))
-        records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
-        stats = stages[0].ctx.stats if stages else None
-        before = dict(stats.dropped) if stats else {}
+    def __init__(self, cfg: TrainConfig, stages, device: torch.device):
+        self.cfg, self.stages, self.device = cfg, stages, device
+        self._rendered: list[Any] | None = None
+
+    def rendered(self) -> list[Any]:
+        if self._rendered is None:
+            from astrea.train.data import StoreReadLog, is_heldout, store_opener
+            from astrea.train.text_warmup import collect_rendered
+
+            cfg, stages = self.cfg, self.stages
+            stats = stages[0].ctx.stats if stages else None
+            before = dict(stats.dropped) if stats else {}
+            experts = list(dict.fromkeys(e for s in stages for e in s.required_experts()))
+            opener = store_opener(cfg.store, cfg.data, experts, seed=cfg.seed, rank=0, world_size=1,
+                                  log=StoreReadLog(skip_damaged=cfg.dataset.skip_damaged))
+            records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
+            renders = [r for s in stages for r in s.text_renders()]
+            self._rendered = collect_rendered(records, renders, cfg.llm.text_warmup_texts)
+            if stats:  # the stages count targets they drop while training; reading texts here is not training
+                stats.dropped.clear()
+                stats.dropped.update(before)
+            if not self._rendered:
+                raise TrainError("llm.text_warmup_steps > 0 but the training split renders no target text; "
+                                 "set --set llm.text_warmup_steps=0")
+        return self._rendered
+
+    def texts(self) -> list[str]:
+        return [t for r in self.rendered() for t in (r.prompt, r.target)]
+
+    def __call__(self, model, tokenizer) -> dict[str, Any]:
+        from astrea.train.data import Collator
+        from astrea.train.text_warmup import warm_up
+
+        cfg = self.cfg
         # the texts as the stages will see them: fitted to dataset.max_text_tokens by whole items, never cut
         fit = Collator(lambda rec: None, tokenizer, [], cfg.dataset.max_text_tokens, fit_targets=cfg.dataset.fit_targets)
-
-        def fitted(render):
-            def f(rec):
-                r = render(rec)
-                return None if r is None else fit.encode(r)[2]
-            return f
-
-        renders = [fitted(r) for s in stages for r in s.text_renders()]
-        texts = collect_texts(records, renders, cfg.llm.text_warmup_texts)
-        if stats:  # the stages count targets they drop while training; reading texts here is not training
-            stats.dropped.clear()
-            stats.dropped.update(before)
-        if not texts:
-            raise TrainError("llm.text_warmup_steps > 0 but the training split renders no target text; "
-                             "set --set llm.text_warmup_steps=0")
-        model.to(device)
+        texts = list(dict.fromkeys((f.prompt, f.target) for f in (fit.encode(r)[2] for r in self.rendered())))
+        model.to(self.device)
         c = cfg.llm
         # a few passes over the texts, at most text_warmup_steps: small datasets (tests) stay cheap
         steps = max(1, min(c.text_warmup_steps, math.ceil(c.text_warmup_epochs * len(texts) / c.text_warmup_batch)))
         print(f"[astrea train] text-only warm-up of the tiny LLM: {steps} steps on {len(texts)} training-split "
               "target texts (no images)", flush=True)
-        return warm_up(model, tokenizer, texts, steps=steps, batch_size=cfg.llm.text_warmup_batch,
-                       lr=cfg.llm.text_warmup_lr, max_len=cfg.dataset.max_text_tokens, seed=cfg.seed)
-
-    return warm
+        return warm_up(model, tokenizer, texts, steps=steps, batch_size=c.text_warmup_batch,
+                       lr=c.text_warmup_lr, max_len=cfg.dataset.max_text_tokens, seed=cfg.seed)
 
 
 def _hidden_size_error(saved: dict[str, Any], what: str, hidden: int) -> None:

@@ -33,18 +33,25 @@ from astrea.train.model import IGNORE
 Pair = tuple[str, str]  # (prompt, target)
 
 
-def collect_texts(records: Iterable[dict[str, Any]], renders: list[Callable[[dict[str, Any]], Any]],
-                  limit: int) -> list[Pair]:
-    """Distinct (prompt, target) pairs that the given render functions make from ``records``."""
-    seen: dict[Pair, None] = {}
+def collect_rendered(records: Iterable[dict[str, Any]], renders: list[Callable[[dict[str, Any]], Any]],
+                     limit: int) -> list[Any]:
+    """Renderings (objects with ``.prompt`` and ``.target``) that ``renders`` make from ``records``, one per
+    distinct (prompt, target), at most ``limit``."""
+    seen: dict[Pair, Any] = {}
     for rec in records:
         for render in renders:
             r = render(rec)
             if r is not None:
-                seen.setdefault((r.prompt, r.target), None)
+                seen.setdefault((r.prompt, r.target), r)
         if len(seen) >= limit:
             break
-    return list(seen)
+    return list(seen.values())
+
+
+def collect_texts(records: Iterable[dict[str, Any]], renders: list[Callable[[dict[str, Any]], Any]],
+                  limit: int) -> list[Pair]:
+    """Distinct (prompt, target) pairs that the given render functions make from ``records``."""
+    return [(r.prompt, r.target) for r in collect_rendered(records, renders, limit)]
 
 
 def warm_up(model: nn.Module, tokenizer: Any, texts: list[Pair], *, steps: int, batch_size: int, lr: float,

@@ -110,8 +110,10 @@ def format_summary(summary: dict) -> str:
     rnd = " (RANDOM WEIGHTS: outputs are meaningless)" if llm.get("random_weights") else ""
     if llm.get("random_weights") and llm.get("text_warmup"):
         w = llm["text_warmup"]
+        tok = llm.get("tokenizer") or {}
+        fitted = f"; BPE tokenizer of {tok['vocab']} fitted on them" if tok.get("kind") == "fitted" else ""
         rnd = (f" (RANDOM init, then a text-only warm-up: {w['steps']} steps on {w['texts']} training-split "
-               "target texts, no images)")
+               f"target texts, no images{fitted})")
     lines = [f"run {summary['run']}: LLM {llm['source']}{rnd}, {summary['world_size']} process(es)"]
     if any(summary.get("experts_random_weights", {}).values()):
         lines.append("experts with RANDOM WEIGHTS: " + ", ".join(n for n, r in summary["experts_random_weights"].items() if r))

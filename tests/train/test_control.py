@@ -70,11 +70,16 @@ def test_text_warmup_trains_the_tiny_llm_on_training_texts_only(tmp_path):
     w = info["text_warmup"]
     assert info["random_weights"] is True  # random init stays labelled as such
     assert w["steps"] == 30 and w["texts"] > 0 and w["loss_last"] < w["loss_first"]
+    assert info["tokenizer"]["kind"] == "fitted" and 260 < info["tokenizer"]["vocab"] <= 1024
     # the saved LLM is the warmed one, not a fresh random one
     cfg = TrainConfig.load(run / "config.yaml")
-    saved = build_llm(cfg.llm, from_dir=run / "llm").model.state_dict()
-    fresh = build_llm(cfg.llm).model.state_dict()
-    assert any(not torch.equal(saved[k], fresh[k]) for k in fresh)
+    reloaded = build_llm(cfg.llm, from_dir=run / "llm")
+    saved = reloaded.model.state_dict()
+    fresh = build_llm(cfg.llm.__class__(**{**cfg.llm.__dict__, "tokenizer": "bytes"})).model.state_dict()
+    assert any(saved[k].shape != fresh[k].shape or not torch.equal(saved[k], fresh[k]) for k in fresh)
+    # the fitted tokenizer travels with the weights: resume and eval encode exactly as training did
+    assert len(reloaded.tokenizer) == info["tokenizer"]["vocab"] == saved["model.embed_tokens.weight"].shape[0]
+    assert reloaded.tokenizer_info["kind"] == "fitted"
     # summary and CLI say what the LLM is
     from astrea.cli.train import format_summary
 
@@ -86,7 +91,7 @@ def test_text_warmup_reads_the_training_split_only(tmp_path, monkeypatch):
     import astrea.train.text_warmup as tw
     from astrea.train.config import TrainConfig
     from astrea.train.data import is_heldout
-    from astrea.train.runner import _text_warmup
+    from astrea.train.runner import _TextWarmup
     from astrea.train.stages import build_stages
     from tests.train.test_eval import write_store
     from tests.train.test_main_stage import records
@@ -99,13 +104,16 @@ def test_text_warmup_reads_the_training_split_only(tmp_path, monkeypatch):
     monkeypatch.setattr(tw, "warm_up", lambda model, tok, texts, **kw: seen.setdefault("texts", texts) and {})
     from astrea.train.tokenizer import byte_level_tokenizer
 
-    _text_warmup(cfg, build_stages(cfg), torch.device("cpu"))(torch.nn.Linear(1, 1), byte_level_tokenizer())
+    warm = _TextWarmup(cfg, build_stages(cfg), torch.device("cpu"))
+    warm(torch.nn.Linear(1, 1), byte_level_tokenizer())
     targets = " ".join(t for _, t in seen["texts"])
+    fitted_on = "\n".join(warm.texts())  # what a fitted tokenizer learns its merges from
     held = [r["caption"] for r in records(24) if is_heldout(r["key"], 0.3)]
     train = [r["caption"] for r in records(24) if not is_heldout(r["key"], 0.3)]
     assert held and train
     assert not [c for c in held if c + "\n" in targets + "\n" or targets.endswith(c)]
     assert all(c in targets for c in train)
+    assert not [c for c in held if c in fitted_on.split("\n")] and all(c in fitted_on for c in train)
     prompts = {p for p, _ in seen["texts"]}
     assert len(prompts) >= 2  # the caption stage's prompt and the main stage's per-task prompts
 
