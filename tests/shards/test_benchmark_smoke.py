@@ -14,8 +14,11 @@ def test_store_io_benchmark_runs(tmp_path, monkeypatch, capsys):
                                       "--repeat", "1"])
     runpy.run_path(str(ROOT / "benchmarks" / "store_io.py"), run_name="__main__")
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert len(lines) == (1 + 6) + (1 + 4)  # header + 2 npy baselines + 4 store layouts; verified-read table
+    # header + 2 npy baselines + 6 store layouts; verified-read table (5 units); the public reader (3 rows)
+    assert len(lines) == (1 + 8) + (1 + 5) + (1 + 3)
+    assert any("Zarr v3, float16 raw (default)" in ln for ln in lines)
     assert any("Zarr v3, float16+zstd" in ln for ln in lines) and any("WebDataset tar" in ln for ln in lines)
+    assert any(ln.startswith("| astrea.api.joined, Zarr raw (default) |") for ln in lines)
     assert list(tmp_path.iterdir()) == []  # cleans up after itself
 
 
