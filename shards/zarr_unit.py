@@ -133,7 +133,8 @@ class ZarrUnitWriter(UnitWriter):
         self._wait()
         if not self._pending:
             return
-        block, start = np.stack(self._pending), self._written
+        # raw: the rows go to the file as they are (one writev per shard, no copy into a block first)
+        block, start = (list(self._pending) if self._raw else np.stack(self._pending)), self._written
         self._pending = []
         self._written += len(block)
         if not self.background:
@@ -233,16 +234,24 @@ def _shard_index(n: int, rows_per_shard: int, row_bytes: int) -> bytes:
     return raw + np.uint32(google_crc32c.value(raw)).tobytes()
 
 
-def _write_raw_shard(array_dir: Path, key: str, block: np.ndarray, rows_per_shard: int) -> None:
-    block = np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))
+def _write_raw_shard(array_dir: Path, key: str, rows: list[np.ndarray], rows_per_shard: int) -> None:
+    bufs = [memoryview(np.ascontiguousarray(r, dtype=r.dtype.newbyteorder("<"))).cast("B") for r in rows]
+    bufs.append(memoryview(_shard_index(len(rows), rows_per_shard, bufs[0].nbytes if rows else 0)))
     path = array_dir / key
     path.parent.mkdir(parents=True, exist_ok=True)
-    # fsync here, on the background thread: the commit's fsync_tree then finds nothing left to flush
-    with open(path, "xb") as f:
-        f.write(memoryview(block).cast("B"))
-        f.write(_shard_index(len(block), rows_per_shard, block[0].nbytes if len(block) else 0))
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        while bufs:  # writev may write less than asked (signals, huge requests): go on from where it stopped
+            done = os.writev(fd, bufs[:1024])
+            while done and bufs:
+                if done >= bufs[0].nbytes:
+                    done -= bufs.pop(0).nbytes
+                else:
+                    bufs[0], done = bufs[0][done:], 0
+        # fsync here, on the background thread: the commit's fsync_tree then finds nothing left to flush
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _raw_layout(array_dir: Path) -> tuple[int, np.dtype, tuple[int, ...]] | None:

@@ -27,4 +27,14 @@ def test_post_forward_benchmark_runs(monkeypatch, capsys):
                                       "--repeat", "1"])
     runpy.run_path(str(ROOT / "benchmarks" / "post_forward.py"), run_name="__main__")
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert len(rows) == 1 + 4 and rows[-1].startswith("| measure per window + write (astrea extract) |")
+    assert len(rows) == 1 + 5 and rows[-1].startswith("| prepare_window + write (astrea extract) |")
+
+
+def test_actor_throughput_benchmark_runs(tmp_path, monkeypatch, capsys):
+    """The real actor with the stand-in forward, tiny sizes, every layout."""
+    monkeypatch.setattr(sys, "argv", ["actor_throughput.py", "--images", "6", "--units", "2", "--grid", "2", "--dim", "8",
+                                      "--batch", "2", "--dir", str(tmp_path)])
+    runpy.run_path(str(ROOT / "benchmarks" / "actor_throughput.py"), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 3 and rows[1].startswith("| Zarr v3, raw (default) |")
+    assert list(tmp_path.iterdir()) == []
