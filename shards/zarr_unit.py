@@ -18,7 +18,8 @@ Codecs (the spec's ``codec``, part of the fingerprint):
   a crc32c-checked index). float16 mantissas barely compress (zstd saved 8% of bytes and cost ~30x on
   read), and zarr-python's own read of such shards runs at 0.05-0.6x of ``np.load`` (measured,
   benchmarks/store_io.py), so this module writes and reads the shard files itself, per the v3 spec: one
-  ``write`` per shard, one ``readinto`` per row into a fresh array. The files are what zarr-python writes
+  ``writev`` per shard (the rows as they are, no copy into a block), one ``readinto`` per row into a
+  fresh array. The files are what zarr-python writes
   for the same array (tests/shards/test_raw_codec.py reads them back with zarr alone and compares bytes).
   Anything else (another layout, a damaged shard index) goes through zarr-python.
 - ``zstd``: the previous default (zstd level 3 on ~1 MiB chunks), kept for stores written with it and as
