@@ -262,7 +262,7 @@ def _raw_layout(array_dir: Path) -> tuple[int, np.dtype, tuple[int, ...]] | None
         meta = json.loads((array_dir / "zarr.json").read_text())
         shape = tuple(int(x) for x in meta["shape"])
         shard = [int(x) for x in meta["chunk_grid"]["configuration"]["chunk_shape"]]
-        dtype = {"float16": "<f2", "float32": "<f4", "uint16": "<u2"}[meta["data_type"]]
+        dtype = {"float16": "<f2", "float32": "<f4", "uint16": "<u2", "int8": "i1", "uint8": "u1"}[meta["data_type"]]
         ok = (meta["chunk_grid"]["name"] == "regular" and len(shape) == 3 and shard[1:] == list(shape[1:])
               and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
               and meta.get("storage_transformers", []) == []
