@@ -7,6 +7,12 @@
    experts run online on the images (decode + preprocess + forward x4 + collate + step).
 
     .venv/bin/python benchmarks/train_io.py [--images 32] [--batch 8] [--grid 8] [--device cpu]
+    .venv/bin/python benchmarks/train_io.py --real-widths [--images 512] [--units 16] [--workers 0,1,2]
+
+``--real-widths``: the reader alone at the real experts' sizes (four experts, 576 tokens of 1152 + 512 +
+256 + 256 channels, float16: 2.39 MiB per sample), one reader process and through a DataLoader with
+workers, for the store's default layout (zarr raw) and the previous one (zarr zstd); prints a markdown
+table with samples/s and MB/s, to set against what a training step consumes (docs/train.md).
 
 The experts are the project's small variants (DEFAULT_SMALL) with random weights: real architectures,
 far smaller than the paper's, so the online cost here is a lower bound of the real one.
@@ -79,14 +85,101 @@ def _write_store(root: Path, experts, images: list[bytes], per_unit: int) -> Non
             w.commit()
 
 
+WIDTHS = {"siglip": 1152, "ram_plus": 512, "grounding_dino": 256, "sam2": 256}  # stored token widths
+
+
+def _real_width_store(root: Path, images: int, units: int, grid: int, codec: str, scale: int) -> float:
+    """Four experts at real widths (divided by ``scale`` for smoke runs), float16, ``units`` units; random
+    features (the reader's cost does not depend on the values). -> MB per sample."""
+    from astrea.schemas import ExpertSpec
+    from astrea.shards import Store
+
+    rng = np.random.default_rng(0)
+    per = max(1, images // units)
+    mb = 0.0
+    for name, width in WIDTHS.items():
+        d = max(1, width // scale)
+        spec = ExpertSpec(expert=name, arch="synthetic", weights="random", weights_sha256="0" * 64, preprocessing={},
+                          grid=grid, token_dim=d, pooled_dim=d, codec=codec)
+        edir = Store(root).expert_dir("bench", spec, create=True)
+        pool = rng.normal(0, 1, (8, grid * grid, d)).astype(np.float16)
+        for u in range(units):
+            with edir.open_unit(f"{u:05d}") as w:
+                for i in range(u * per, (u + 1) * per):
+                    w.add(f"k{i:07d}", pool[i % 8], pool[i % 8, 0], {"i": i}, caption=f"image {i}")
+                w.commit()
+        mb += (grid * grid * d + d) * 2 / 1e6
+    return mb
+
+
+def stack_batch(recs: list[dict]) -> dict:
+    """Collate in the DataLoader worker: one tensor per expert array for the whole batch (a few large
+    tensors cross to the main process instead of eight per sample)."""
+    names = list(recs[0]["experts"])
+    return {"keys": [r["key"] for r in recs],
+            "tokens": {n: torch.from_numpy(np.stack([r["experts"][n]["tokens"] for r in recs])) for n in names},
+            "pooled": {n: torch.from_numpy(np.stack([r["experts"][n]["pooled"] for r in recs])) for n in names},
+            "outputs": {n: [r["experts"][n]["outputs"] for r in recs] for n in names}}
+
+
+def reader_at_real_widths(args: argparse.Namespace) -> None:
+    from astrea.shards import JoinedDataset, Store
+
+    workers = [int(x) for x in args.workers.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for codec in ("raw", "zstd"):
+            root = Path(tmp) / codec
+            mb = _real_width_store(root, args.images, args.units, args.grid, codec, args.scale)
+            n_total = (args.images // args.units) * args.units
+            settings = [(nw, None) for nw in workers] + [(nw, args.batch) for nw in workers if nw]
+            for nw, batch in settings if codec == "raw" else [(0, None)]:
+                ds = JoinedDataset(Store(root), "bench", list(WIDTHS), shuffle=True, seed=0)
+                best = float("inf")
+                for rep in range(args.repeat + 1):  # the first pass: worker start-up, page cache
+                    ds.set_epoch(rep)
+                    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=nw,
+                                                         collate_fn=stack_batch if batch else None)
+                    t = time.perf_counter()
+                    n = sum(len(b["keys"]) if batch else 1 for b in loader)
+                    if rep:
+                        best = min(best, time.perf_counter() - t)
+                assert n == n_total, (n, n_total)
+                rows.append((codec, nw, batch, n / best, n * mb / best))
+    print(f"{n_total} samples in {args.units} units, four experts of {args.grid * args.grid} tokens x "
+          f"{'+'.join(str(max(1, w // args.scale)) for w in WIDTHS.values())} float16 (+ pooled): {mb / 1.048576:.2f} MiB "
+          f"per sample; JoinedDataset(shuffle=True), every row verified; best of {args.repeat} epochs, "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("| layout | reader | samples/s | MB/s |")
+    print("|---|---|---:|---:|")
+    for codec, nw, batch, sps, mbs in rows:
+        layout = "Zarr raw (default)" if codec == "raw" else "Zarr zstd (previous default)"
+        reader = "one process (no workers)" if nw == 0 else f"DataLoader, {nw} worker{'s' if nw > 1 else ''}"
+        reader += f", batches of {batch} stacked in the worker" if batch else (", one sample at a time" if nw else "")
+        print(f"| {layout} | {reader} | {sps:.0f} | {mbs:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--images", type=int, default=None, help="default 32 (512 with --real-widths)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--grid", type=int, default=8)
+    ap.add_argument("--grid", type=int, default=None, help="default 8 (24 with --real-widths)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--real-widths", action="store_true", help="the reader alone at the real experts' sizes")
+    ap.add_argument("--units", type=int, default=16, help="--real-widths: units (>= readers)")
+    ap.add_argument("--workers", default="0,1,2", help="--real-widths: DataLoader worker counts to try")
+    ap.add_argument("--repeat", type=int, default=2, help="--real-widths: timed epochs (best kept)")
+    ap.add_argument("--batch-in-workers", dest="wbatch", type=int, default=16,
+                    help="--real-widths: also time DataLoader workers that stack batches of this size")
+    ap.add_argument("--scale", type=int, default=1, help="--real-widths: divide the widths (smoke tests)")
+    ap.add_argument("--dir", default=None, help="--real-widths: where to write the store (default: a temp dir)")
     args = ap.parse_args()
+    if args.real_widths:
+        args.images, args.grid, args.batch = args.images or 512, args.grid or 24, args.wbatch
+        reader_at_real_widths(args)
+        return
+    args.images, args.grid = args.images or 32, args.grid or 8
 
     from astrea.shards import JoinedDataset, Store
     from astrea.train.config import TrainConfig

@@ -110,6 +110,7 @@ class ExtractConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # expert-specific knobs
     small: bool = False  # each expert's DEFAULT_SMALL variant (test/demo size, random weights)
     format: str = "zarr"
+    codec: str = "raw"  # zarr: raw | zstd (smaller by ~8% at float16, ~30x the read CPU)
     dtype: str = "float16"
     grid: int = 24
     compute_dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
@@ -153,6 +154,7 @@ class ExtractConfig:
     def validate(self) -> list[str]:
         from astrea.registry import UnknownNameError
         from astrea.schemas import FORMATS, STORAGE_DTYPES
+        from astrea.schemas.expert_spec import CODECS
 
         names = self.expert_names()
 
@@ -161,6 +163,7 @@ class ExtractConfig:
                 raise ExtractConfigError(f"{fld}={value!r} is not valid; choose one of {list(valid)}")
 
         choice("format", self.format, FORMATS)
+        choice("codec", self.codec, CODECS[self.format])
         choice("dtype", self.dtype, STORAGE_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not _DEVICE_RE.match(str(self.device)):
@@ -214,7 +217,7 @@ class ExtractConfig:
             weights = self.weights.get(n) or self.weights.get("*") or variant.default_weights or "random"
             opts = {**self.options.get("*", {}), **self.options.get(n, {})}
             out.append(ExpertConfig(name=n, arch=arch, weights=weights, grid=self.grid, dtype=self.dtype,
-                                    format=self.format, seed=self.seed, device=device,
+                                    format=self.format, codec=self.codec, seed=self.seed, device=device,
                                     compute_dtype=compute_dtype, options=opts))
         return out
 

@@ -19,6 +19,13 @@ from astrea.errors import AstreaError
 SCHEMA_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")  # the last two: per-row scale, see astrea.shards.dtypes
 FORMATS = ("zarr", "wds")
+# Codecs of the token/pooled arrays, per format. "raw": the storage dtype's bytes as they are (float16
+# mantissas barely compress: zstd saved 8% of bytes and cost ~30x on read, docs/store.md "Size and speed").
+CODECS = {"zarr": ("raw", "zstd"), "wds": ("raw",)}
+DEFAULT_CODEC = "raw"
+# What a spec written before ``codec`` existed meant. A spec with its format's legacy codec hashes without
+# the field, so every directory written before keeps its fingerprint; any other codec is hashed.
+LEGACY_CODEC = {"zarr": "zstd", "wds": "raw"}
 
 
 class SpecError(AstreaError, ValueError):
@@ -41,6 +48,7 @@ class ExpertSpec:
     pooled_dim: int
     dtype: str = "float16"  # storage dtype of tokens and pooled
     format: str = "zarr"  # unit container, see astrea.shards
+    codec: str = DEFAULT_CODEC  # array codec inside the container (CODECS[format]); changes the bytes
     seed: int = 0  # init seed when weights == "random"
     config: dict[str, Any] = field(default_factory=dict)  # anything else that changes outputs
     prerequisites: dict[str, str] = field(default_factory=dict)  # expert name -> fingerprint it read
@@ -59,6 +67,9 @@ class ExpertSpec:
             raise SpecError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
         if self.format not in FORMATS:
             raise SpecError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
+        if self.codec not in CODECS[self.format]:
+            raise SpecError(f"codec={self.codec!r} is not valid for format {self.format!r}; choose one of "
+                            f"{list(CODECS[self.format])}")
         if self.grid < 1:
             raise SpecError(f"grid={self.grid} must be >= 1")
         if "@" in self.expert or "/" in self.expert:
@@ -82,6 +93,8 @@ class ExpertSpec:
         d["random_weights"] = self.random_weights
         if not self.converted_from:
             d.pop("converted_from")
+        if self.codec == LEGACY_CODEC[self.format]:
+            d.pop("codec")  # as before the field existed: older directories keep their fingerprint
         return d
 
     def fingerprint(self) -> str:
@@ -117,6 +130,8 @@ class ExpertSpec:
                 f"{source}: written with schema version {version}, this astrea reads version "
                 f"{SCHEMA_VERSION}; use a matching astrea release or re-extract into a new store"
             )
+        if "codec" not in d:  # written before the field existed: the codec its format used then
+            d["codec"] = LEGACY_CODEC.get(d.get("format", "zarr"), DEFAULT_CODEC)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

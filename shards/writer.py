@@ -105,8 +105,11 @@ class UnitWriter(ABC):
 
     # -- protocol ---------------------------------------------------------------------------------
     def add(self, key: str, tokens: Any, pooled: Any, outputs: dict[str, Any] | None = None, *,
-            caption: str | None = None, labels: dict[str, Any] | None = None) -> None:
-        """Add one successful key: ``tokens [grid*grid, token_dim]``, ``pooled [pooled_dim]``, JSON ``outputs``."""
+            caption: str | None = None, labels: dict[str, Any] | None = None, known_finite: bool = False) -> None:
+        """Add one successful key: ``tokens [grid*grid, token_dim]``, ``pooled [pooled_dim]``, JSON ``outputs``.
+
+        ``known_finite``: the caller has checked that the row, in the storage dtype, holds no inf/NaN (the
+        extraction actor tests a whole window at once), so the writer skips its own per-row scan."""
         self._new_key(key)
         spec = self.spec
         t = to_storage(tokens, spec.dtype)
@@ -120,7 +123,7 @@ class UnitWriter(ABC):
             raise ValueError(f"{self._where()}: key {key!r}: pooled shape {logical_shape(p.shape, spec.dtype)}, "
                              f"the spec says ({spec.pooled_dim},)")
         out = outputs_to_json(outputs)
-        if nonfinite_in_storage(t, spec.dtype) or nonfinite_in_storage(p, spec.dtype):
+        if not known_finite and (nonfinite_in_storage(t, spec.dtype) or nonfinite_in_storage(p, spec.dtype)):
             self._nonfinite += 1  # kept (the values are what the expert produced) but counted in stats
         index = self._n_ok
         self._write(index, key, t, p, out)

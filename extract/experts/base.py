@@ -96,6 +96,6 @@ def spec_from_config(cfg: Any, *, expert: str, arch: str, weights_sha256: str, p
         expert=expert, arch=arch, weights=cfg.weights, weights_sha256=weights_sha256,
         weights_file_sha256=weights_file_sha256,
         preprocessing=preprocessing, grid=cfg.grid, token_dim=token_dim, pooled_dim=pooled_dim,
-        dtype=cfg.dtype, format=cfg.format, seed=cfg.seed, config=config,
+        dtype=cfg.dtype, format=cfg.format, codec=getattr(cfg, "codec", "raw"), seed=cfg.seed, config=config,
         prerequisites=dict(prerequisites or {}),
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from astrea.registry import Registry, UnknownNameError, check_choice
 from astrea.schemas import FORMATS, STORAGE_DTYPES
+from astrea.schemas.expert_spec import CODECS
 
 # Coarse -> fine: the paper's stage order (caption, classification, detection, segmentation).
 EXPERT_ORDER = ("siglip", "ram_plus", "grounding_dino", "sam2")
@@ -66,6 +67,7 @@ class ExpertConfig:
     grid: int = 24
     dtype: str = "float16"  # storage dtype
     format: str = "zarr"  # storage format of the units
+    codec: str = "raw"  # array codec inside the unit (raw | zstd for zarr), part of the spec
     seed: int = 0
     device: str = "cpu"
     compute_dtype: str = "float32"  # model compute dtype: float32 | bfloat16 | float16
@@ -80,6 +82,7 @@ class ExpertConfig:
                 raise UnknownNameError(f"{self.name} arch", self.arch, valid)
         check_choice("dtype", self.dtype, STORAGE_DTYPES)
         check_choice("format", self.format, FORMATS)
+        check_choice("codec", self.codec, CODECS[self.format])
         check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
         if self.grid < 1:
             raise ValueError(f"grid={self.grid} must be >= 1")

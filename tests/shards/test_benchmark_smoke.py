@@ -14,8 +14,11 @@ def test_store_io_benchmark_runs(tmp_path, monkeypatch, capsys):
                                       "--repeat", "1"])
     runpy.run_path(str(ROOT / "benchmarks" / "store_io.py"), run_name="__main__")
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
-    assert len(lines) == (1 + 6) + (1 + 4)  # header + 2 npy baselines + 4 store layouts; verified-read table
+    # header + 2 npy baselines + 6 store layouts; verified-read table (5 units); the public reader (3 rows)
+    assert len(lines) == (1 + 8) + (1 + 5) + (1 + 3)
+    assert any("Zarr v3, float16 raw (default)" in ln for ln in lines)
     assert any("Zarr v3, float16+zstd" in ln for ln in lines) and any("WebDataset tar" in ln for ln in lines)
+    assert any(ln.startswith("| astrea.api.joined, Zarr raw (default) |") for ln in lines)
     assert list(tmp_path.iterdir()) == []  # cleans up after itself
 
 
@@ -24,7 +27,7 @@ def test_post_forward_benchmark_runs(monkeypatch, capsys):
                                       "--repeat", "1"])
     runpy.run_path(str(ROOT / "benchmarks" / "post_forward.py"), run_name="__main__")
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert len(rows) == 1 + 4 and rows[-1].startswith("| measure per window + write (astrea extract) |")
+    assert len(rows) == 1 + 5 and rows[-1].startswith("| prepare_window + write (astrea extract) |")
 
 
 def _sample_like_store(root: Path) -> Path:
@@ -51,3 +54,13 @@ def test_estimate_benchmark_runs(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(ROOT / "benchmarks" / "estimate.py"), run_name="__main__")
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
     assert len(rows) == 1 + 4
+
+
+def test_actor_throughput_benchmark_runs(tmp_path, monkeypatch, capsys):
+    """The real actor with the stand-in forward, tiny sizes, every layout."""
+    monkeypatch.setattr(sys, "argv", ["actor_throughput.py", "--images", "6", "--units", "2", "--grid", "2", "--dim", "8",
+                                      "--batch", "2", "--dir", str(tmp_path)])
+    runpy.run_path(str(ROOT / "benchmarks" / "actor_throughput.py"), run_name="__main__")
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 3 and rows[1].startswith("| Zarr v3, raw (default) |")
+    assert list(tmp_path.iterdir()) == []
