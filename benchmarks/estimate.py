@@ -44,7 +44,7 @@ def main() -> None:
         outputs = sum(len(r.outputs and __import__("json").dumps(r.outputs, separators=(",", ":")) or "{}")
                       for u in units for r in edir.iter_unit(u) if r.status == "ok") / max(1, ok)
         ratio = None
-        if edir.spec.format == "zarr":
+        if edir.spec.format == "zarr" and edir.spec.codec == "zstd":
             arrays = [p for n in ("tokens", "pooled") for p in edir.path.glob(f"*.zarr/{n}/c/**/*") if p.is_file()]
             parts = est.experts[0].parts
             ratio = (sum(p.stat().st_size for p in arrays) - parts["shard_index"]) / (parts["tokens"] + parts["pooled"])

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from astrea.schemas import FORMATS, STORAGE_DTYPES
+from astrea.schemas.expert_spec import CODECS, DEFAULT_CODEC
 from astrea.schemas.expert_spec import ExpertSpec
 from astrea.shards.dtypes import itemsize, stored_width
 from astrea.shards.errors import StoreError
@@ -119,7 +120,8 @@ class EstimateConfig:
     caption_bytes: int = 60
     key_bytes: int = 9
     outputs_bytes: dict[str, int] = field(default_factory=dict)
-    compression: float | None = None
+    compression: float | None = None  # zstd only: raw arrays are stored as they are
+    codec: str | None = None  # zarr: raw (default) | zstd; default: the spec's
 
     def build(self) -> Estimator:
         if self.images < 1:
@@ -154,7 +156,13 @@ class EstimateConfig:
         v = table[full]
         grid, dtype, fmt = self._pick(24, "float16", "zarr")
         return {"expert": name, "arch": full, "token_dim": v.token_dim, "pooled_dim": v.pooled_dim,
-                "grid": grid, "dtype": dtype, "format": fmt}
+                "grid": grid, "dtype": dtype, "format": fmt, "codec": self._codec(fmt, DEFAULT_CODEC)}
+
+    def _codec(self, fmt: str, codec: str) -> str:
+        codec = self.codec or codec
+        if codec not in CODECS[fmt]:
+            raise EstimateError(f"codec={codec!r} is not valid for format {fmt!r}; choose one of {list(CODECS[fmt])}")
+        return codec
 
     def _from_spec(self, path: Path) -> dict[str, Any]:
         p = path / "expert.json" if path.is_dir() else path
@@ -165,8 +173,9 @@ class EstimateConfig:
         except json.JSONDecodeError as e:
             raise EstimateError(f"specs: {p}: not valid JSON ({e})") from None
         grid, dtype, fmt = self._pick(s.grid, s.dtype, s.format)
+        codec = s.codec if fmt == s.format else DEFAULT_CODEC
         return {"expert": s.expert, "arch": s.arch, "token_dim": s.token_dim, "pooled_dim": s.pooled_dim,
-                "grid": grid, "dtype": dtype, "format": fmt}
+                "grid": grid, "dtype": dtype, "format": fmt, "codec": self._codec(fmt, codec)}
 
 
 class Estimator:
@@ -184,7 +193,7 @@ class Estimator:
             files = 2  # expert.json, extract_report.json
             for n, count in sizes:
                 unit_parts, unit_files = unit_estimate(n, r["grid"] ** 2, r["token_dim"], r["pooled_dim"], r["dtype"],
-                                                       r["format"], obytes, c)
+                                                       r["format"], obytes, c, codec=r["codec"])
                 for k, v in unit_parts.items():
                     parts[k] = parts.get(k, 0) + v * count
                 files += unit_files * count
@@ -205,7 +214,7 @@ def _pad(n: int, block: int) -> int:
 
 
 def unit_estimate(n: int, tokens: int, token_dim: int, pooled_dim: int, dtype: str, fmt: str, outputs_bytes: int,
-                  cfg: EstimateConfig) -> tuple[dict[str, int], int]:
+                  cfg: EstimateConfig, codec: str = DEFAULT_CODEC) -> tuple[dict[str, int], int]:
     """Bytes by part and files of one unit of ``n`` ok images."""
     isz = itemsize(dtype)
     trow = tokens * stored_width(token_dim, dtype) * isz
@@ -222,9 +231,14 @@ def unit_estimate(n: int, tokens: int, token_dim: int, pooled_dim: int, dtype: s
         return parts, 3
     from astrea.shards import zarr_unit
 
-    ratio = 1.0 if cfg.compression is None else cfg.compression
-    rows_chunk = zarr_unit.chunk_rows(trow)  # the writer's own layout (ZarrUnitWriter._open / _close)
+    raw = codec == "raw"
+    # raw arrays are stored as they are: exact; zstd: the given ratio, else uncompressed (an upper bound)
+    ratio = 1.0 if raw or cfg.compression is None else cfg.compression
+    # the writer's own layout (ZarrUnitWriter._open / _close): raw writes one row per inner chunk
+    rows_chunk = 1 if raw else zarr_unit.chunk_rows(trow)
     rows_shard = rows_chunk * max(1, zarr_unit.SHARD_BYTES // (trow * rows_chunk))
+    if raw:
+        rows_shard = min(rows_shard, zarr_unit.MAX_RAW_SHARD_ROWS)
     shards = math.ceil(n / rows_shard)
     pchunk = max(1, min(zarr_unit.chunk_rows(prow * 64) * 64, n))
     parts["tokens"] = int(n * trow * ratio)

@@ -210,8 +210,10 @@ def register(app: typer.Typer) -> None:
         caption_bytes: int = typer.Option(60, "--caption-bytes", help="Mean caption length in bytes (index)."),
         outputs_bytes: list[str] = typer.Option([], "--outputs-bytes", help="EXPERT=BYTES: measured outputs JSON "
                                                 "per image (default: an assumption per expert, printed)."),
-        compression: Optional[float] = typer.Option(None, "--compression", help="Stored/raw ratio of the "
-                                                    "zarr arrays (zstd), e.g. 0.92 (default: none, an upper bound)."),
+        codec: Optional[str] = typer.Option(None, "--codec", help="zarr array codec: raw | zstd (default: raw, "
+                                            "or the spec's)."),
+        compression: Optional[float] = typer.Option(None, "--compression", help="Stored/raw ratio of zstd "
+                                                    "zarr arrays, e.g. 0.92 (default: none, an upper bound)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Bytes and files a store will take for N images, from the experts' specs alone (no model is built
@@ -229,7 +231,8 @@ def register(app: typer.Typer) -> None:
             ob[name] = int(val)
         est = EstimateConfig(experts=list(expert), images=images, grid=grid, dtype=dtype, format=fmt,
                              specs=list(spec), small=small, images_per_unit=images_per_unit,
-                             caption_bytes=caption_bytes, outputs_bytes=ob, compression=compression).build().run()
+                             caption_bytes=caption_bytes, outputs_bytes=ob, compression=compression,
+                             codec=codec).build().run()
         if as_json:
             typer.echo(json.dumps(est.to_dict(), indent=2))
             return
