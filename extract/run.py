@@ -288,8 +288,10 @@ class ExpertJob:
                   # torch's CPU threads = the CPUs the actor reserved, on a GPU too: its CPU-side work
                   # (the float16 conversion of every output) must not spread over the decode tasks' cores.
                   "threads": max(1, round(cfg.cpus_per_worker))}
-        actors = [actor_cls.remote(self.ecfg.__dict__.copy(), fps, self.fingerprint, rt["device"], **kwargs)
-                  for _ in range(workers)]
+        def new_actor() -> Any:
+            return actor_cls.remote(self.ecfg.__dict__.copy(), fps, self.fingerprint, rt["device"], **kwargs)
+
+        actors = [new_actor() for _ in range(workers)]
         prereq_refs = {p: f"{p}@{fp}" for p, fp in fps.items()}
         warm = []
         if pre is not None:
@@ -306,8 +308,10 @@ class ExpertJob:
                 raise _user_error(e, f"starting {self.name} inference worker(s)") from None
             self.t_ready = time.monotonic()
             bar.start()
-            sched = _Scheduler(actors, todo, lambda a, u: a.run_unit.remote(u, prereq_refs, pre_ref,
-                                                                              self.report["random_weights"]))
+            sched = _Scheduler(
+                actors, todo, lambda a, u: a.run_unit.remote(u, prereq_refs, pre_ref, self.report["random_weights"]),
+                deadline_s=cfg.image_timeout_s * cfg.batch_size, replace=new_actor,
+                deadline_why=f" (--image-timeout {cfg.image_timeout_s:g} x --batch-size {cfg.batch_size})")
             for unit, res, error in sched.results(lambda counts: bar.set_live(counts)):
                 if error is not None:
                     self.failed_units[unit] = error
@@ -364,12 +368,24 @@ class _Scheduler:
     past its restarts leaves the pool; with none left the job stops with an error. The dead writer's
     temp files are invisible to readers and removed at the end of the job. An exception raised inside
     a unit (a disk full, a bug) fails that unit only, with the reason.
+
+    Every unit has a deadline (``deadline_s``): an actor that holds units and shows no progress for
+    that long (no row written, no unit finished; a source read or a forward that hangs) fails the
+    unit at the head of its pipeline with a reason, and is killed and replaced by ``replace()`` (a
+    fresh actor: a hang must not use up Ray's restarts). Its other units go back to the queue
+    untouched. A hang is not retried within the job (it would most likely hang again); the rerun
+    redoes the unit like any other that was not committed.
     """
 
-    def __init__(self, actors: list[Any], units: list[str], submit: Any):
+    def __init__(self, actors: list[Any], units: list[str], submit: Any, *, deadline_s: float | None = None,
+                 replace: Any = None, deadline_why: str = ""):
         from collections import deque
 
+        if deadline_s is not None and replace is None:
+            raise ValueError("a deadline needs replace(): a hung actor is killed, not restarted")
         self.actors, self.submit = actors, submit
+        self.deadline_s, self.replace, self.deadline_why = deadline_s, replace, deadline_why
+        self.active_at: dict[int, float] = {}  # actor index -> when it last showed progress (deadlines)
         self.queue = deque(units)
         self.load = [0] * len(actors)
         self.running: dict[Any, tuple[int, str]] = {}
@@ -397,6 +413,8 @@ class _Scheduler:
                         break
                     self.alone.add(i)
                 queue.pop(0) if isinstance(queue, list) else queue.popleft()
+                if not self.load[i]:
+                    self.active_at[i] = time.monotonic()  # an idle actor's clock starts with its first unit
                 self.running[self.submit(a, u)] = (i, u)
                 self.load[i] += 1
 
@@ -413,9 +431,12 @@ class _Scheduler:
                 if ref in done_set:
                     del self.progress_refs[i]
                     try:
-                        self.live[i] = ray.get(ref)
+                        live = ray.get(ref)
                     except Exception:  # the actor died: its units go back to the queue anyway
-                        self.live[i] = {}
+                        live = {}
+                    if live != self.live.get(i):  # a row written, a unit started: progress
+                        self.active_at[i] = time.monotonic()
+                    self.live[i] = live
         on_progress({u: c for d in self.live.values() for u, c in d.items()})
 
     def _actor_died(self, i: int) -> None:
@@ -456,6 +477,44 @@ class _Scheduler:
             raise ExtractError(f"every inference worker died (each was restarted {WORKER_RESTARTS} times); "
                                "see the Ray logs (/tmp/ray/session_latest/logs) for why, e.g. out of memory")
 
+    def _overdue(self) -> list[tuple[str, str]]:
+        """Fail the head unit of every actor past its deadline, replace the actor -> [(unit, reason)]."""
+        import ray
+
+        if self.deadline_s is None:
+            return []
+        now, failed = time.monotonic(), []
+        for i in range(len(self.actors)):
+            if not self.load[i] or not self._usable(i) or now - self.active_at.get(i, now) <= self.deadline_s:
+                continue
+            mine = [(ref, u) for ref, (j, u) in self.running.items() if j == i]
+            if ray.wait([ref for ref, _ in mine], num_returns=1, timeout=0)[0]:
+                self.active_at[i] = now  # a unit just finished: collected on the next turn
+                continue
+            # The head: the oldest unit the actor reports (its reader and engine take units in order),
+            # else the oldest handed to it.
+            names = [u for _, u in mine]
+            head = next((u for u in self.live.get(i, {}) if u in names), names[0])
+            for ref, u in mine:
+                del self.running[ref]
+                if u != head:
+                    self.queue.appendleft(u)
+            self.load[i] = 0
+            self.alone.discard(i)
+            self.live.pop(i, None)
+            self.progress_refs.pop(i, None)
+            self.active_at.pop(i, None)
+            self.since.pop(i, None)
+            old = self.actors[i]
+            ray.kill(old, no_restart=True)  # ends a read blocked in the kernel too; frees the unit's lock
+            self.queue.extendleft(reversed(self.pinned.pop(i, [])))
+            self.actors[i] = self.replace()
+            self.recovering[self.actors[i].ready.remote()] = i
+            log.warning("unit %s: no progress for %g s; inference worker %d replaced", head, self.deadline_s, i)
+            failed.append((head, f"deadline passed: no progress for {self.deadline_s:g} s{self.deadline_why} (a "
+                                 "source read or forward that hangs); its worker was replaced; rerun to retry"))
+        return failed
+
     def results(self, on_progress: Any) -> Any:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -469,6 +528,7 @@ class _Scheduler:
                     continue  # a recovery: handled below
                 i, u = self.running.pop(ref)
                 self.load[i] -= 1
+                self.active_at[i] = time.monotonic()
                 self.alone.discard(i)
                 self.live.get(i, {}).pop(u, None)
                 try:
@@ -496,9 +556,10 @@ class _Scheduler:
                     yield u, None, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"[:400]
                 else:
                     yield u, res, None
+            self._poll_progress(on_progress)
+            yield from ((u, None, why) for u, why in self._overdue())
             self._check_recovered()
             self._fill()
-            self._poll_progress(on_progress)
         for u in self.queue:  # only when every actor is dead, which raised above; kept for safety
             yield u, None, "no inference worker left to run it"
 
