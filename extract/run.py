@@ -253,7 +253,10 @@ class ExpertJob:
             # Throughput once the models are loaded (paid once per job): comparable to a bare forward.
             self.report["seconds_to_ready"] = round(self.t_ready - t0, 3)
             self.report["images_per_s_after_load"] = round(n / (self.t_done - self.t_ready), 3)
-        if todo:  # a no-op rerun keeps the report of the run that did the work
+        if self.report["units_committed"]:
+            # The report beside the units describes the last run that wrote some: a run that committed none
+            # (nothing to do, every unit failed again, or another job committed them meanwhile) keeps it;
+            # its own report is still returned (and written by `--report`).
             try:
                 _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
             except OSError as e:

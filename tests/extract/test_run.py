@@ -459,11 +459,21 @@ def test_a_damaged_source_shard_is_not_written_exit_1_then_a_rerun_after_repair_
     r = report["experts"][0]
     assert set(r["actor_seconds"]) == {"wait_read", "wait_decode", "forward", "wait_write"}
     assert r["images_per_s_after_load"] > 0 and r["seconds_to_ready"] > 0
+    # Issue 14, item 8: a rerun that commits nothing (the shard still damaged) keeps the report of the
+    # run that did the work beside the units; its own report goes to --report.
+    beside = Path(r["dir"]) / "extract_report.json"
+    kept = beside.read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "00001: source shard unreadable" in res.output, res.output
+    again = json.loads((tmp_path / "report.json").read_text())["experts"][0]
+    assert again["units_committed"] == [] and again["units_skipped"] == ["00000"]
+    assert beside.read_bytes() == kept
     tar.write_bytes(whole)  # repaired: the rerun writes only the missing unit
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["experts"][0]["units_committed"] == ["00001"] and report["experts"][0]["units_skipped"] == ["00000"]
+    assert json.loads(beside.read_text())["units_committed"] == ["00001"]  # this run did work: its report
 
 
 def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, source_dir, ray_cluster):
