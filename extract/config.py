@@ -295,11 +295,6 @@ class ExtractPlan:
     counts: dict[str, int | None]
     store: Path
 
-    @property
-    def total_images(self) -> int | None:
-        vals = list(self.counts.values())
-        return None if any(v is None for v in vals) else sum(vals)  # type: ignore[misc]
-
     def run(self) -> dict[str, Any]:
         from astrea.extract.run import run_plan
 

@@ -116,13 +116,6 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 # -- per-expert bookkeeping -----------------------------------------------------------------------
-def _edir_fingerprint(edir: Any) -> str:
-    spec = getattr(edir, "spec", None)
-    if spec is not None:
-        return spec.fingerprint()
-    return Path(edir.path).name.split("@", 1)[1]
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
@@ -190,7 +183,7 @@ class ExpertJob:
                     f"`astrea extract --expert {p}` over the same --data/--shards/--limit first, pick another "
                     f"with --prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {self.name}'s "
                     "fallback prompts (recorded in its spec).")
-            fps[p] = _edir_fingerprint(edir)
+            fps[p] = edir.spec.fingerprint()
             refs[p] = f"{p}@{fps[p]}"
         return fps, refs, skip
 
@@ -523,6 +516,8 @@ class _Scheduler:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         self._fill()
+        # Units still queued with nothing running or recovering would mean no actor is usable: every one
+        # is dead, which _check_recovered raises; a usable idle actor always takes a queued unit (_fill).
         while self.running or ((self.queue or any(self.pinned.values())) and self.recovering):
             waits = list(self.running) + list(self.recovering)
             done, _ = ray.wait(waits, num_returns=1, timeout=PROGRESS_EVERY_S)
@@ -563,8 +558,6 @@ class _Scheduler:
             yield from ((u, None, why) for u, why in self._overdue())
             self._check_recovered()
             self._fill()
-        for u in self.queue:  # only when every actor is dead, which raised above; kept for safety
-            yield u, None, "no inference worker left to run it"
 
 
 def run_plan(plan: ExtractPlan) -> dict[str, Any]:
