@@ -117,6 +117,10 @@ class ExtractConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when the actors get GPUs, else cpu
     batch_size: int = 8  # images per forward on an inference actor
+    # Every unit's deadline: a unit fails (and its actor is replaced) when its actor shows no progress
+    # for image_timeout_s x batch_size seconds (one window: read, decode, forward, write), so a unit of N
+    # images is bounded by about N x image_timeout_s. Generous: a real-size expert on CPU is slow.
+    image_timeout_s: float = 120.0
     workers: int | None = None  # inference actors; default: one per GPU of the cluster (1 without GPUs)
     num_gpus: float | None = None  # GPUs per inference actor; default: 1 when the cluster has GPUs, else 0
     cpus_per_task: float = 1.0  # CPUs per read / decode task
@@ -169,7 +173,7 @@ class ExtractConfig:
         if not _DEVICE_RE.match(str(self.device)):
             raise ExtractConfigError(f"device={self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
         positive = {"grid": self.grid, "batch_size": self.batch_size, "cpus_per_task": self.cpus_per_task,
-                    "cpus_per_worker": self.cpus_per_worker}
+                    "cpus_per_worker": self.cpus_per_worker, "image_timeout_s": self.image_timeout_s}
         for fld, v in positive.items():
             if v is None or v <= 0:
                 raise ExtractConfigError(f"{fld}={v!r} must be > 0")

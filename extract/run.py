@@ -107,17 +107,188 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 # -- per-expert bookkeeping -----------------------------------------------------------------------
-def _edir_fingerprint(edir: Any) -> str:
-    spec = getattr(edir, "spec", None)
-    if spec is not None:
-        return spec.fingerprint()
-    return Path(edir.path).name.split("@", 1)[1]
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def find_prerequisites(plan: ExtractPlan, store: Any, name: str, done: dict[str, "ExpertJob"],
+                       later: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, str], list[str], str | None]:
+    """Which stored outputs prompt expert ``name`` -> (name -> fingerprint for the spec, name -> store ref
+    for reading, units to skip, a note for the report).
+
+    ``done``: the jobs this run finished (their failed units are skipped); ``later``: prerequisites this run
+    extracts before this expert; the check before any work (``later`` set) leaves them to be resolved
+    when this expert's turn comes."""
+    from astrea.extract.experts.registry import expert_module
+
+    cfg = plan.config
+    needs = tuple(getattr(expert_module(name), "PREREQUISITES", PREREQUISITES.get(name, ())))
+    if not needs or cfg.without_prerequisites:
+        note = None if not needs else (
+            f"run without {', '.join(needs)} prompts (--without-prerequisites): the expert's fallback "
+            "prompts were used, as recorded in its spec")
+        return {}, {}, [], note
+    fps, refs, skip = {}, {}, []
+    for p in needs:
+        if p in cfg.prerequisites:
+            ref = cfg.prerequisites[p]
+        elif p in done:
+            ref = f"{p}@{done[p].fingerprint}"
+            skip.extend(u for u in done[p].failed_units if u not in skip)
+        elif p in later:
+            continue
+        else:
+            ref = p
+        try:
+            edir = store.resolve(plan.dataset, ref)
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise ExtractError(
+                f"{name} is prompted by the stored outputs of {p}, but they could not be found for "
+                f"dataset {plan.dataset!r} in {plan.store} ({msg}). Extract {p} first "
+                f"(`astrea extract --expert {p} --expert {name} ...` runs both in order), pick one with "
+                f"--prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {name}'s "
+                "fallback prompts (recorded in its spec).") from None
+        committed = set(edir.committed_units())
+        missing = [u for u in plan.shards if u not in committed and u not in skip]
+        if missing:
+            shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
+            raise ExtractError(
+                f"{name} needs {p}'s outputs for every unit it extracts, but {Path(edir.path).name} has "
+                f"no committed unit(s) {shown} ({len(missing)} of {len(plan.shards)}). Run "
+                f"`astrea extract --expert {p}` over the same --data/--shards/--limit first, pick another "
+                f"with --prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {name}'s "
+                "fallback prompts (recorded in its spec).")
+        fps[p] = edir.spec.fingerprint()
+        refs[p] = f"{p}@{fps[p]}"
+    return fps, refs, skip, None
+
+
+class JobReport:
+    """What one expert's run did: the report dict (returned, summarised by the CLI, written beside the
+    units), the units that failed and why, and the times throughput is measured between."""
+
+    def __init__(self, ecfg: Any, runtime: dict):
+        self.data: dict[str, Any] = {"expert": ecfg.name, "arch": ecfg.arch, "weights": ecfg.weights,
+                                     "random_weights": ecfg.weights == "random", "device": runtime["device"],
+                                     "compute_dtype": ecfg.compute_dtype, "dtype": ecfg.dtype,
+                                     "workers": runtime["workers"]}
+        self.failed_units: dict[str, str] = {}
+        self.t_ready: float | None = None  # actors built (models loaded) / last unit done: throughput
+        self.t_done: float | None = None
+
+    def open(self, fingerprint: str, edir: Any, refs: dict[str, str], pre: Any, cleaned: int,
+             shards: list[str], committed: set[str]) -> None:
+        self.data.update({
+            "fingerprint": fingerprint, "dir": str(edir.path), "prerequisites": refs,
+            "preprocess_on": "cpu tasks" if pre is not None else "inference actor",
+            "temp_cleaned": cleaned, "units_selected": len(shards),
+            "units_skipped": sorted(u for u in shards if u in committed),
+            "units_committed": [], "images_ok": 0, "images_failed": 0, "failures_by_reason": {},
+            "bytes_written": 0, "store_errors": [],
+        })
+
+    def committed(self, res: dict[str, Any]) -> None:
+        rep = self.data
+        rep["units_committed"].append(res["unit"])
+        rep["images_ok"] += res["ok"]
+        rep["images_failed"] += res["failed"]
+        for k, v in res["reasons"].items():
+            rep["failures_by_reason"][k] = rep["failures_by_reason"].get(k, 0) + v
+        rep["bytes_written"] += res["bytes"]
+        acc = rep.setdefault("actor_seconds", {})
+        for k, v in res.get("seconds", {}).items():
+            acc[k] = round(acc.get(k, 0.0) + v, 3)
+        se = rep.setdefault("storage_error", {})
+        for k, v in res["storage_error"].items():
+            se[k] = v + se.get(k, 0) if k == "nonfinite" else max(v, se.get(k, 0.0))
+
+    def store_error(self, what: str, e: OSError, where: Any) -> None:
+        self.data["store_errors"].append(f"{what}: {e.strerror or type(e).__name__}: {e.filename or where}")
+
+    def close(self, t0: float, t_plan: float) -> None:
+        rep = self.data
+        rep["units_failed"] = dict(sorted(self.failed_units.items()))
+        secs = time.monotonic() - t0
+        n = rep["images_ok"] + rep["images_failed"]
+        rep.update({"seconds": round(secs, 3), "images_per_s": round(n / secs, 3) if secs > 0 else 0.0,
+                    "seconds_build_spec": round(t_plan, 3)})
+        if self.t_ready is not None and self.t_done is not None and n and self.t_done > self.t_ready:
+            # Throughput once the models are loaded (paid once per job): comparable to a bare forward.
+            rep["seconds_to_ready"] = round(self.t_ready - t0, 3)
+            rep["images_per_s_after_load"] = round(n / (self.t_done - self.t_ready), 3)
+
+    def write_beside(self, edir: Any) -> None:
+        """The report beside the units describes the last run that wrote some: a run that committed none
+        (nothing to do, every unit failed again, or another job committed them meanwhile) keeps it; its
+        own report is still returned (and written by `--report`)."""
+        if not self.data["units_committed"]:
+            return
+        try:
+            _write_json_atomic(Path(edir.path) / REPORT_NAME, self.data)
+        except OSError as e:
+            self.store_error(f"{REPORT_NAME} not written", e, edir.path)
+
+
+class _ActorPool:
+    """One expert's inference actors (and any replacing a hung one), with the decode workers warmed while
+    the models load. ``kill()`` ends every actor it made."""
+
+    def __init__(self, job: "ExpertJob", fps: dict[str, str], pre: Any):
+        import ray
+
+        from astrea.extract.worker import UnitWorker
+
+        cfg, rt = job.plan.config, job.rt
+        workers = rt["workers"]
+        # Windows read ahead per actor (decoding, or decoded and waiting for the forward): enough to keep
+        # every free CPU decoding while the actor's forward runs.
+        free = max(0.0, float(ray.cluster_resources().get("CPU", 0.0)) - workers * cfg.cpus_per_worker)
+        slots = max(1, int(free // cfg.cpus_per_task))
+        inflight = max(2, -(-slots // workers) + 1)
+        self._cls = ray.remote(UnitWorker).options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"], max_concurrency=2 * UNITS_PER_WORKER + 2,
+            max_restarts=WORKER_RESTARTS, max_task_retries=0)
+        self.pre_ref = [ray.put(pre)] if pre is not None else []
+        kwargs = {"store_root": str(job.plan.store), "dataset": job.plan.dataset, "data": str(cfg.data),
+                  "source_format": cfg.source_format, "batch_size": cfg.batch_size, "cpus_per_task": cfg.cpus_per_task,
+                  "decode_in_tasks": pre is not None, "inflight": inflight,
+                  # torch's CPU threads = the CPUs the actor reserved, on a GPU too: its CPU-side work
+                  # (the float16 conversion of every output) must not spread over the decode tasks' cores.
+                  "threads": max(1, round(cfg.cpus_per_worker))}
+        self._args = (job.ecfg.__dict__.copy(), fps, job.fingerprint, rt["device"])
+        self._kwargs = kwargs
+        self.made: list[Any] = []
+        self.actors = [self.new() for _ in range(workers)]
+        self._warm = []
+        if pre is not None:
+            # Start the decode workers while the models load: a cold worker (process + imports) costs
+            # seconds, which would otherwise land on the first windows of the job.
+            from astrea.extract.pipeline import warm_decoder
+
+            task = ray.remote(warm_decoder).options(num_cpus=cfg.cpus_per_task)
+            self._warm = [task.remote(self.pre_ref[0]) for _ in range(slots)]
+
+    def new(self) -> Any:
+        actor = self._cls.remote(*self._args, **self._kwargs)
+        self.made.append(actor)
+        return actor
+
+    def wait_ready(self, what: str) -> None:
+        import ray
+
+        try:
+            ray.get([a.ready.remote() for a in self.actors] + self._warm)
+        except Exception as e:
+            raise _user_error(e, what) from None
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.made:
+            ray.kill(a)
 
 
 class ExpertJob:
@@ -126,84 +297,37 @@ class ExpertJob:
     def __init__(self, plan: ExtractPlan, store: Any, ecfg: Any, *, done: dict[str, "ExpertJob"], runtime: dict):
         self.plan, self.store, self.ecfg, self.done, self.rt = plan, store, ecfg, done, runtime
         self.name = ecfg.name
-        self.report: dict[str, Any] = {"expert": self.name, "arch": ecfg.arch, "weights": ecfg.weights,
-                                       "random_weights": ecfg.weights == "random", "device": runtime["device"],
-                                       "compute_dtype": ecfg.compute_dtype, "dtype": ecfg.dtype,
-                                       "workers": runtime["workers"]}
-        self.failed_units: dict[str, str] = {}
-        self.t_ready: float | None = None  # actors built (models loaded) / last unit done: throughput
-        self.t_done: float | None = None
+        self.rec = JobReport(ecfg, runtime)
+        self.report = self.rec.data
+        self.failed_units = self.rec.failed_units  # read by the experts this one prompts
 
-    # prerequisites ------------------------------------------------------------------------------
     def prerequisites(self, later: frozenset[str] = frozenset()) -> tuple[dict[str, str], dict[str, str], list[str]]:
-        """-> (name -> fingerprint for the spec, name -> store ref for reading, units to skip).
-
-        ``later``: prerequisites this run extracts before this expert; the check before any work
-        (``later`` set) leaves them to be resolved when this expert's turn comes."""
-        from astrea.extract.experts.registry import expert_module
-
-        cfg = self.plan.config
-        needs = tuple(getattr(expert_module(self.name), "PREREQUISITES", PREREQUISITES.get(self.name, ())))
-        if not needs or cfg.without_prerequisites:
-            if needs:
-                self.report["prerequisites_note"] = (
-                    f"run without {', '.join(needs)} prompts (--without-prerequisites): the expert's fallback "
-                    "prompts were used, as recorded in its spec")
-            return {}, {}, []
-        fps, refs, skip = {}, {}, []
-        for p in needs:
-            if p in cfg.prerequisites:
-                ref = cfg.prerequisites[p]
-            elif p in self.done:
-                ref = f"{p}@{self.done[p].fingerprint}"
-                skip.extend(u for u in self.done[p].failed_units if u not in skip)
-            elif p in later:
-                continue
-            else:
-                ref = p
-            try:
-                edir = self.store.resolve(self.plan.dataset, ref)
-            except (KeyError, FileNotFoundError, ValueError) as e:
-                msg = e.args[0] if e.args else str(e)
-                raise ExtractError(
-                    f"{self.name} is prompted by the stored outputs of {p}, but they could not be found for "
-                    f"dataset {self.plan.dataset!r} in {self.plan.store} ({msg}). Extract {p} first "
-                    f"(`astrea extract --expert {p} --expert {self.name} ...` runs both in order), pick one with "
-                    f"--prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {self.name}'s "
-                    "fallback prompts (recorded in its spec).") from None
-            committed = set(edir.committed_units())
-            missing = [u for u in self.plan.shards if u not in committed and u not in skip]
-            if missing:
-                shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
-                raise ExtractError(
-                    f"{self.name} needs {p}'s outputs for every unit it extracts, but {Path(edir.path).name} has "
-                    f"no committed unit(s) {shown} ({len(missing)} of {len(self.plan.shards)}). Run "
-                    f"`astrea extract --expert {p}` over the same --data/--shards/--limit first, pick another "
-                    f"with --prerequisite {p}@FINGERPRINT, or pass --without-prerequisites to use {self.name}'s "
-                    "fallback prompts (recorded in its spec).")
-            fps[p] = _edir_fingerprint(edir)
-            refs[p] = f"{p}@{fps[p]}"
+        """-> (name -> fingerprint for the spec, name -> store ref for reading, units to skip)."""
+        fps, refs, skip, note = find_prerequisites(self.plan, self.store, self.name, self.done, later)
+        if note:
+            self.report["prerequisites_note"] = note
         return fps, refs, skip
 
-    # main ---------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def _build_spec(self, fps: dict[str, str]) -> tuple[Any, Any]:
         import ray
 
-        t0 = time.monotonic()
-        fps, refs, skip = self.prerequisites()
         cfg_dict = self.ecfg.__dict__.copy()
         try:
             if self.rt["single_node"]:
                 # One machine: the driver sees the same files as the workers, and building here saves a
                 # fresh worker process (imports included) per expert.
-                spec, pre = _plan_expert_task(cfg_dict, fps)
-            else:
-                # On a cluster, --weights paths are resolved where the workers are. max_calls=1: the
-                # worker exits afterwards, returning a real-size model's memory before actors load it.
-                task = ray.remote(num_cpus=min(1.0, self.plan.config.cpus_per_worker), max_calls=1)(_plan_expert_task)
-                spec, pre = ray.get(task.remote(cfg_dict, fps))
+                return _plan_expert_task(cfg_dict, fps)
+            # On a cluster, --weights paths are resolved where the workers are. max_calls=1: the
+            # worker exits afterwards, returning a real-size model's memory before actors load it.
+            task = ray.remote(num_cpus=min(1.0, self.plan.config.cpus_per_worker), max_calls=1)(_plan_expert_task)
+            return ray.get(task.remote(cfg_dict, fps))
         except Exception as e:
             raise _user_error(e, f"building {self.name} ({self.ecfg.arch}, weights {self.ecfg.weights!r})") from None
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        fps, refs, skip = self.prerequisites()
+        spec, pre = self._build_spec(fps)
         self.spec = spec
         self.fingerprint = spec.fingerprint()
         t_plan = time.monotonic() - t0
@@ -217,14 +341,7 @@ class ExpertJob:
         for u in skip:
             if u not in committed:
                 self.failed_units[u] = "prerequisite unit failed in this run"
-        self.report.update({
-            "fingerprint": self.fingerprint, "dir": str(edir.path), "prerequisites": refs,
-            "preprocess_on": "cpu tasks" if pre is not None else "inference actor",
-            "temp_cleaned": cleaned, "units_selected": len(self.plan.shards),
-            "units_skipped": sorted(u for u in self.plan.shards if u in committed),
-            "units_committed": [], "images_ok": 0, "images_failed": 0, "failures_by_reason": {},
-            "bytes_written": 0, "store_errors": [],
-        })
+        self.rec.open(self.fingerprint, edir, refs, pre, cleaned, self.plan.shards, committed)
         if not todo:
             self.report["status"] = "nothing to do" if not self.failed_units else "incomplete"
         else:
@@ -234,84 +351,41 @@ class ExpertJob:
             try:
                 self.report["temp_cleaned"] += edir.cleanup_temp()
             except OSError as e:  # the store turned read-only (or went away): the summary still counts
-                self.report["store_errors"].append(f"cleanup: {e.strerror or type(e).__name__}: {e.filename or edir.path}")
-        self.report["units_failed"] = dict(sorted(self.failed_units.items()))
-        secs = time.monotonic() - t0
-        n = self.report["images_ok"] + self.report["images_failed"]
-        self.report.update({"seconds": round(secs, 3), "images_per_s": round(n / secs, 3) if secs > 0 else 0.0,
-                            "seconds_build_spec": round(t_plan, 3)})
-        if self.t_ready is not None and self.t_done is not None and n and self.t_done > self.t_ready:
-            # Throughput once the models are loaded (paid once per job): comparable to a bare forward.
-            self.report["seconds_to_ready"] = round(self.t_ready - t0, 3)
-            self.report["images_per_s_after_load"] = round(n / (self.t_done - self.t_ready), 3)
-        if todo:  # a no-op rerun keeps the report of the run that did the work
-            try:
-                _write_json_atomic(Path(edir.path) / REPORT_NAME, self.report)
-            except OSError as e:
-                self.report["store_errors"].append(
-                    f"{REPORT_NAME} not written: {e.strerror or type(e).__name__}: {e.filename or edir.path}")
+                self.rec.store_error("cleanup", e, edir.path)
+        self.rec.close(t0, t_plan)
+        self.rec.write_beside(edir)
         return self.report
 
     def _stream(self, todo: list[str], pre: Any, fps: dict[str, str]) -> None:
         """Start the actors, hand them units (``UNITS_PER_WORKER`` each at a time), collect their counts."""
-        import ray
-
         from astrea.extract.progress import Progress
-        from astrea.extract.worker import UnitWorker
 
-        cfg, rt = self.plan.config, self.rt
+        cfg = self.plan.config
         total = None if any(self.plan.counts.get(u) is None for u in todo) else sum(self.plan.counts[u] for u in todo)  # type: ignore[misc]
         label = f"{self.name}@{self.fingerprint}" + (" (random weights)" if self.report["random_weights"] else "")
         bar = Progress(label, total=total, units=len(todo), enabled=cfg.progress)
-        workers = rt["workers"]
-        # Windows read ahead per actor (decoding, or decoded and waiting for the forward): enough to keep
-        # every free CPU decoding while the actor's forward runs.
-        free = max(0.0, float(ray.cluster_resources().get("CPU", 0.0)) - workers * cfg.cpus_per_worker)
-        slots = max(1, int(free // cfg.cpus_per_task))
-        inflight = max(2, -(-slots // workers) + 1)
-        actor_cls = ray.remote(UnitWorker).options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=rt["num_gpus"], max_concurrency=2 * UNITS_PER_WORKER + 2,
-            max_restarts=WORKER_RESTARTS, max_task_retries=0)
-        pre_ref = [ray.put(pre)] if pre is not None else []
-        kwargs = {"store_root": str(self.plan.store), "dataset": self.plan.dataset, "data": str(cfg.data),
-                  "source_format": cfg.source_format, "batch_size": cfg.batch_size, "cpus_per_task": cfg.cpus_per_task,
-                  "decode_in_tasks": pre is not None, "inflight": inflight,
-                  # torch's CPU threads = the CPUs the actor reserved, on a GPU too: its CPU-side work
-                  # (the float16 conversion of every output) must not spread over the decode tasks' cores.
-                  "threads": max(1, round(cfg.cpus_per_worker))}
-        actors = [actor_cls.remote(self.ecfg.__dict__.copy(), fps, self.fingerprint, rt["device"], **kwargs)
-                  for _ in range(workers)]
+        pool = _ActorPool(self, fps, pre)
         prereq_refs = {p: f"{p}@{fp}" for p, fp in fps.items()}
-        warm = []
-        if pre is not None:
-            # Start the decode workers while the models load: a cold worker (process + imports) costs
-            # seconds, which would otherwise land on the first windows of the job.
-            from astrea.extract.pipeline import warm_decoder
-
-            task = ray.remote(warm_decoder).options(num_cpus=cfg.cpus_per_task)
-            warm = [task.remote(pre_ref[0]) for _ in range(slots)]
         try:
-            try:
-                ray.get([a.ready.remote() for a in actors] + warm)
-            except Exception as e:
-                raise _user_error(e, f"starting {self.name} inference worker(s)") from None
-            self.t_ready = time.monotonic()
+            pool.wait_ready(f"starting {self.name} inference worker(s)")
+            self.rec.t_ready = time.monotonic()
             bar.start()
-            sched = _Scheduler(actors, todo, lambda a, u: a.run_unit.remote(u, prereq_refs, pre_ref,
-                                                                              self.report["random_weights"]))
+            sched = _Scheduler(
+                pool.actors, todo,
+                lambda a, u: a.run_unit.remote(u, prereq_refs, pool.pre_ref, self.report["random_weights"]),
+                deadline_s=cfg.image_timeout_s * cfg.batch_size, replace=pool.new,
+                deadline_why=f" (--image-timeout {cfg.image_timeout_s:g} x --batch-size {cfg.batch_size})")
             for unit, res, error in sched.results(lambda counts: bar.set_live(counts)):
-                if error is not None:
-                    self.failed_units[unit] = error
+                if error is not None or res["status"] not in ("committed", "skipped"):
+                    self.failed_units[unit] = error if error is not None else res["reason"]
                     bar.unit(failed=True, unit_name=unit)
                 elif res["status"] == "committed":
-                    self._record(res, bar)
-                elif res["status"] == "skipped":
+                    self.rec.committed(res)
+                    bar.unit(failed=False, ok=res["ok"], failed_images=res["failed"], unit_name=res["unit"])
+                else:
                     self.report["units_skipped"].append(unit)
                     bar.unit(failed=False, unit_name=unit)
-                else:
-                    self.failed_units[unit] = res["reason"]
-                    bar.unit(failed=True, unit_name=unit)
-            self.t_done = time.monotonic()
+            self.rec.t_done = time.monotonic()
         except BaseException as e:
             bar.close()
             if isinstance(e, (KeyboardInterrupt, SystemExit, ExtractError)) or _is_user_error(e):
@@ -322,25 +396,8 @@ class ExpertJob:
                 f"{str(cause).splitlines()[0] if str(cause) else ''}). Units committed so far are kept; fix "
                 f"the cause and rerun to finish the rest. Ray logs: /tmp/ray/session_latest/logs") from e
         finally:
-            for a in actors:
-                ray.kill(a)
+            pool.kill()
         bar.close()
-
-    def _record(self, res: dict[str, Any], bar: Any) -> None:
-        rep = self.report
-        rep["units_committed"].append(res["unit"])
-        rep["images_ok"] += res["ok"]
-        rep["images_failed"] += res["failed"]
-        for k, v in res["reasons"].items():
-            rep["failures_by_reason"][k] = rep["failures_by_reason"].get(k, 0) + v
-        rep["bytes_written"] += res["bytes"]
-        acc = rep.setdefault("actor_seconds", {})
-        for k, v in res.get("seconds", {}).items():
-            acc[k] = round(acc.get(k, 0.0) + v, 3)
-        se = rep.setdefault("storage_error", {})
-        for k, v in res["storage_error"].items():
-            se[k] = v + se.get(k, 0) if k == "nonfinite" else max(v, se.get(k, 0.0))
-        bar.unit(failed=False, ok=res["ok"], failed_images=res["failed"], unit_name=res["unit"])
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -355,12 +412,24 @@ class _Scheduler:
     past its restarts leaves the pool; with none left the job stops with an error. The dead writer's
     temp files are invisible to readers and removed at the end of the job. An exception raised inside
     a unit (a disk full, a bug) fails that unit only, with the reason.
+
+    Every unit has a deadline (``deadline_s``): an actor that holds units and shows no progress for
+    that long (no row written, no unit finished; a source read or a forward that hangs) fails the
+    unit at the head of its pipeline with a reason, and is killed and replaced by ``replace()`` (a
+    fresh actor: a hang must not use up Ray's restarts). Its other units go back to the queue
+    untouched. A hang is not retried within the job (it would most likely hang again); the rerun
+    redoes the unit like any other that was not committed.
     """
 
-    def __init__(self, actors: list[Any], units: list[str], submit: Any):
+    def __init__(self, actors: list[Any], units: list[str], submit: Any, *, deadline_s: float | None = None,
+                 replace: Any = None, deadline_why: str = ""):
         from collections import deque
 
+        if deadline_s is not None and replace is None:
+            raise ValueError("a deadline needs replace(): a hung actor is killed, not restarted")
         self.actors, self.submit = actors, submit
+        self.deadline_s, self.replace, self.deadline_why = deadline_s, replace, deadline_why
+        self.active_at: dict[int, float] = {}  # actor index -> when it last showed progress (deadlines)
         self.queue = deque(units)
         self.load = [0] * len(actors)
         self.running: dict[Any, tuple[int, str]] = {}
@@ -388,6 +457,8 @@ class _Scheduler:
                         break
                     self.alone.add(i)
                 queue.pop(0) if isinstance(queue, list) else queue.popleft()
+                if not self.load[i]:
+                    self.active_at[i] = time.monotonic()  # an idle actor's clock starts with its first unit
                 self.running[self.submit(a, u)] = (i, u)
                 self.load[i] += 1
 
@@ -404,9 +475,12 @@ class _Scheduler:
                 if ref in done_set:
                     del self.progress_refs[i]
                     try:
-                        self.live[i] = ray.get(ref)
+                        live = ray.get(ref)
                     except Exception:  # the actor died: its units go back to the queue anyway
-                        self.live[i] = {}
+                        live = {}
+                    if live != self.live.get(i):  # a row written, a unit started: progress
+                        self.active_at[i] = time.monotonic()
+                    self.live[i] = live
         on_progress({u: c for d in self.live.values() for u, c in d.items()})
 
     def _actor_died(self, i: int) -> None:
@@ -447,11 +521,51 @@ class _Scheduler:
             raise ExtractError(f"every inference worker died (each was restarted {WORKER_RESTARTS} times); "
                                "see the Ray logs (/tmp/ray/session_latest/logs) for why, e.g. out of memory")
 
+    def _overdue(self) -> list[tuple[str, str]]:
+        """Fail the head unit of every actor past its deadline, replace the actor -> [(unit, reason)]."""
+        import ray
+
+        if self.deadline_s is None:
+            return []
+        now, failed = time.monotonic(), []
+        for i in range(len(self.actors)):
+            if not self.load[i] or not self._usable(i) or now - self.active_at.get(i, now) <= self.deadline_s:
+                continue
+            mine = [(ref, u) for ref, (j, u) in self.running.items() if j == i]
+            if ray.wait([ref for ref, _ in mine], num_returns=1, timeout=0)[0]:
+                self.active_at[i] = now  # a unit just finished: collected on the next turn
+                continue
+            # The head: the oldest unit the actor reports (its reader and engine take units in order),
+            # else the oldest handed to it.
+            names = [u for _, u in mine]
+            head = next((u for u in self.live.get(i, {}) if u in names), names[0])
+            for ref, u in mine:
+                del self.running[ref]
+                if u != head:
+                    self.queue.appendleft(u)
+            self.load[i] = 0
+            self.alone.discard(i)
+            self.live.pop(i, None)
+            self.progress_refs.pop(i, None)
+            self.active_at.pop(i, None)
+            self.since.pop(i, None)
+            old = self.actors[i]
+            ray.kill(old, no_restart=True)  # ends a read blocked in the kernel too; frees the unit's lock
+            self.queue.extendleft(reversed(self.pinned.pop(i, [])))
+            self.actors[i] = self.replace()
+            self.recovering[self.actors[i].ready.remote()] = i
+            log.warning("unit %s: no progress for %g s; inference worker %d replaced", head, self.deadline_s, i)
+            failed.append((head, f"deadline passed: no progress for {self.deadline_s:g} s{self.deadline_why} (a "
+                                 "source read or forward that hangs); its worker was replaced; rerun to retry"))
+        return failed
+
     def results(self, on_progress: Any) -> Any:
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         self._fill()
+        # Units still queued with nothing running or recovering would mean no actor is usable: every one
+        # is dead, which _check_recovered raises; a usable idle actor always takes a queued unit (_fill).
         while self.running or ((self.queue or any(self.pinned.values())) and self.recovering):
             waits = list(self.running) + list(self.recovering)
             done, _ = ray.wait(waits, num_returns=1, timeout=PROGRESS_EVERY_S)
@@ -460,6 +574,7 @@ class _Scheduler:
                     continue  # a recovery: handled below
                 i, u = self.running.pop(ref)
                 self.load[i] -= 1
+                self.active_at[i] = time.monotonic()
                 self.alone.discard(i)
                 self.live.get(i, {}).pop(u, None)
                 try:
@@ -487,11 +602,10 @@ class _Scheduler:
                     yield u, None, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"[:400]
                 else:
                     yield u, res, None
+            self._poll_progress(on_progress)
+            yield from ((u, None, why) for u, why in self._overdue())
             self._check_recovered()
             self._fill()
-            self._poll_progress(on_progress)
-        for u in self.queue:  # only when every actor is dead, which raised above; kept for safety
-            yield u, None, "no inference worker left to run it"
 
 
 def run_plan(plan: ExtractPlan) -> dict[str, Any]:

@@ -53,18 +53,58 @@ def decode_image(data: bytes | None, *, max_pixels: int = MAX_PIXELS):
     return to_rgb(img)
 
 
+# Images above this many pixels are converted to RGB in horizontal strips of about this size: the same
+# pixels (every step is per pixel, and the 16-bit / float scaling uses the whole image's range), but the
+# temporaries of one strip instead of several full-size copies (an RGBA or 16-bit image near MAX_PIXELS
+# cost 1-1.6 GB here, benchmarks/decode_memory.py).
+STRIP_PIXELS = 4_000_000
+
+
 def to_rgb(img):
+    """Any PIL mode -> 8-bit RGB (16-bit and float scaled by the image's range, alpha on white)."""
     from PIL import Image
 
     if img.mode == "RGB":
         return img
+    w, h = img.size
+    if w * h <= STRIP_PIXELS:
+        return _to_rgb(img, _value_range(img))
+    rng = _value_range(img)
+    rows = max(1, STRIP_PIXELS // w)
+    out = Image.new("RGB", (w, h))
+    for top in range(0, h, rows):
+        out.paste(_to_rgb(img.crop((0, top, w, min(h, top + rows))), rng), (0, top))
+    return out
+
+
+def _value_range(img) -> tuple[float, float] | None:
+    """(lo, hi) that 16-bit / 32-bit / float pixels are scaled by, from the whole image; None for other modes.
+    Computed strip by strip (a float64 copy of a 64M-pixel image is 512 MB); max and min are exact."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return None
+    w, h = img.size
+    rows = max(1, STRIP_PIXELS // max(w, 1))
+    lo, hi = np.inf, -np.inf
+    for top in range(0, h, rows):
+        arr = np.asarray(img.crop((0, top, w, min(h, top + rows))), dtype=np.float64)
+        if img.mode == "F":
+            arr = np.nan_to_num(arr)
+        if arr.size:
+            lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+    if img.mode == "F":
+        return (lo, hi) if np.isfinite(lo) else (0.0, 0.0)
+    return 0.0, (hi if np.isfinite(hi) and hi > 0 else 1.0)
+
+
+def _to_rgb(img, rng: tuple[float, float] | None):
+    from PIL import Image
+
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
-        img = Image.fromarray((arr / hi * 255.0).round().astype(np.uint8), mode="L")
+        img = Image.fromarray((arr / rng[1] * 255.0).round().astype(np.uint8), mode="L")
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = float(arr.min()), float(arr.max())
+        lo, hi = rng
         img = Image.fromarray(((arr - lo) / ((hi - lo) or 1.0) * 255.0).round().astype(np.uint8), mode="L")
     if img.mode == "P":
         img = img.convert("RGBA")

@@ -66,3 +66,23 @@ def test_only_captions_is_not_an_image_dataset(tmp_path):
     (d / "b.txt").write_text("another")
     with pytest.raises(DataError, match="no image files"):
         open_source(str(d), format="folder").shards()
+
+
+def test_size_limit_is_enforced_while_reading_not_only_from_stat(tmp_path, monkeypatch):
+    """A file whose size the filesystem under-reports (or that grows while read) stops at the limit: the
+    read never returns more than max_image_bytes, whatever fstat said."""
+    from astrea.data import folder
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    (d / "big.jpg").write_bytes(b"\xff" * 5000)
+    real_fstat = os.fstat
+
+    def lying_fstat(fd):
+        st = real_fstat(fd)
+        return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, 10,
+                               st.st_atime, st.st_mtime, st.st_ctime))
+
+    monkeypatch.setattr(folder.os, "fstat", lying_fstat)
+    data, reason = folder.read_file(d / "big.jpg", "big.jpg", 1000, root=d)
+    assert data is None and reason.startswith("file too large: 'big.jpg' grew past the limit"), reason

@@ -201,3 +201,66 @@ def test_writer_strips_addresses_from_any_failure_reason(tmp_path):
         w.commit()
     (rec,) = edir.iter_unit("00000")
     assert rec.error == "forward failed: RuntimeError: <Foo object> broke"
+
+
+# -- large images: converted in strips, same pixels, bounded memory (issue 14, item 8) --------------
+def _awkward_images(h: int, w: int, seed: int = 0) -> dict[str, Image.Image]:
+    rng = np.random.default_rng(seed)
+    rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+    pal = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 3
+    floats = rng.normal(0, 100, (h, w)).astype(np.float32)
+    floats[rng.random((h, w)) < 0.01] = np.nan
+    return {
+        "RGBA": rgba, "LA": rgba.convert("LA"), "PA": rgba.convert("PA"), "P+transparency": pal,
+        "CMYK": rgba.convert("CMYK"), "1": rgba.convert("1"), "YCbCr": rgba.convert("RGB").convert("YCbCr"),
+        "I;16": Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16)),
+        "I": Image.fromarray(rng.integers(-1000, 100_000, (h, w), dtype=np.int32)), "F": Image.fromarray(floats, "F"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_awkward_images(2, 2)))
+def test_conversion_in_strips_gives_the_whole_image_pixels(monkeypatch, mode):
+    """A big image is converted strip by strip (strips of 3 rows here): bit-identical to converting it
+    whole, 16-bit and float scaling included (they use the whole image's range, not a strip's)."""
+    from astrea.extract.experts import common
+
+    img = _awkward_images(257, 300)[mode]
+    whole = np.asarray(common._to_rgb(img, common._value_range(img)))
+    monkeypatch.setattr(common, "STRIP_PIXELS", 1000)
+    strips = np.asarray(common.to_rgb(img))
+    assert strips.shape == whole.shape == (257, 300, 3) and np.array_equal(strips, whole)
+
+
+def test_normal_size_images_decode_to_the_same_pixels_as_before():
+    """Pixel hashes of decode_image's output, computed with the decoder before strips existed
+    (lossless formats only: a JPEG's pixels depend on the libjpeg build)."""
+    import hashlib
+
+    imgs = _awkward_images(61, 83, seed=7)
+    want = {"RGBA": "3be4a4861988dd3c", "LA": "70ddb2a2bdf54c9d", "P+transparency": "04bdda4446c56f68",
+            "I;16": "782d971ed746cc9c", "F": "d432a9ec4d47f51d"}
+    got = {}
+    for mode in want:
+        data = _encode(imgs[mode], "TIFF" if mode == "F" else "PNG")
+        got[mode] = hashlib.sha256(np.asarray(decode_image(data)).tobytes()).hexdigest()[:16]
+    assert got == want
+
+
+def test_sixteen_bit_conversion_memory_is_bounded_by_a_strip(monkeypatch):
+    """numpy temporaries of a 16-bit -> 8-bit conversion (traced by tracemalloc) stay near one strip's,
+    not several float64 copies of the image (a 64M-pixel image used to cost 1.6 GB here)."""
+    import tracemalloc
+
+    from astrea.extract.experts import common
+
+    side = 2000  # 4M pixels: one float64 copy is 32 MB
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 65535, (side, side), dtype=np.uint16))
+    monkeypatch.setattr(common, "STRIP_PIXELS", 250_000)
+    tracemalloc.start()
+    try:
+        common.to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < side * side * 8 / 2, f"{peak / 2**20:.0f} MiB traced"

@@ -283,6 +283,8 @@ def test_config_errors_name_the_field(tmp_path, source_dir):
         ExtractConfig(experts=["siglip"], data=str(source_dir), arch={"siglip": "vit_huge"}).validate()
     with pytest.raises(ExtractConfigError, match="device"):
         ExtractConfig(experts=["siglip"], data=str(source_dir), device="tpu").validate()
+    with pytest.raises(ExtractConfigError, match="image_timeout_s"):
+        ExtractConfig(experts=["siglip"], data=str(source_dir), image_timeout_s=0).validate()
     assert ExtractConfig(experts=["sam2", "siglip", "all"], data="x").expert_names() == [
         "siglip", "ram_plus", "grounding_dino", "sam2"]
 
@@ -457,11 +459,21 @@ def test_a_damaged_source_shard_is_not_written_exit_1_then_a_rerun_after_repair_
     r = report["experts"][0]
     assert set(r["actor_seconds"]) == {"wait_read", "wait_decode", "forward", "wait_write"}
     assert r["images_per_s_after_load"] > 0 and r["seconds_to_ready"] > 0
+    # Issue 14, item 8: a rerun that commits nothing (the shard still damaged) keeps the report of the
+    # run that did the work beside the units; its own report goes to --report.
+    beside = Path(r["dir"]) / "extract_report.json"
+    kept = beside.read_bytes()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1 and "00001: source shard unreadable" in res.output, res.output
+    again = json.loads((tmp_path / "report.json").read_text())["experts"][0]
+    assert again["units_committed"] == [] and again["units_skipped"] == ["00000"]
+    assert beside.read_bytes() == kept
     tar.write_bytes(whole)  # repaired: the rerun writes only the missing unit
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["experts"][0]["units_committed"] == ["00001"] and report["experts"][0]["units_skipped"] == ["00000"]
+    assert json.loads(beside.read_text())["units_committed"] == ["00001"]  # this run did work: its report
 
 
 def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, source_dir, ray_cluster):
@@ -473,8 +485,9 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_any_work(tmp_path, sou
 class _UnitsActor:
     """The scheduler's view of an inference actor (ready / progress / run_unit), without a model, so the
     scheduler's fault handling runs against real Ray restarts in seconds. A unit named ``poison*`` makes
-    the process exit, as an image that exhausts memory would; every start is logged with the units
-    already running beside it in that process."""
+    the process exit, as an image that exhausts memory would; one named ``hang*`` reads the file of
+    that name beside the log (a FIFO: blocks forever); every start is logged with the units already
+    running beside it in that process."""
 
     def __init__(self, log: str):
         import threading
@@ -493,6 +506,11 @@ class _UnitsActor:
             with open(self.log, "a") as f:
                 f.write(json.dumps({"unit": unit, "pid": os.getpid(), "beside": sorted(self.active)}) + "\n")
             self.active.add(unit)
+        if unit.startswith("hang"):
+            # A source read: the file named like the unit beside the log. A FIFO with no writer blocks
+            # open() in the kernel forever, as a hung network filesystem would; a regular file reads.
+            with open(os.path.join(os.path.dirname(self.log), unit), "rb") as f:
+                f.read()
         if unit.startswith("poison"):
             # The first time, strike only once a neighbour runs beside it (the scheduler hands out two
             # units per actor), however slowly this machine starts it.
@@ -647,3 +665,93 @@ def test_store_turning_read_only_mid_job_keeps_the_summary(tmp_path, source_dir,
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output and "units: 1 committed" in res.output, res.output
     assert "STORE ERROR: extract_report.json not written: Read-only file system" in res.output, res.output
+
+
+def test_a_unit_that_hangs_fails_at_its_deadline_its_worker_is_replaced_and_the_rest_complete(tmp_path, ray_cluster):
+    """Issue 14, "every unit has a deadline": a unit whose source read blocks forever (open() of a FIFO
+    with no writer, in a real actor process) is reported failed once its actor shows no progress for
+    the deadline; the blocked actor is killed and a fresh one takes its place; every other unit, the
+    one queued behind the hang on the same actor included, completes. The rerun (the FIFO replaced by a
+    readable file) redoes the unit. Before deadlines existed the job waited forever: the scheduler runs
+    in a thread joined with a bound, so this test fails instead of hanging."""
+    import threading
+
+    from astrea.extract.run import _Scheduler
+
+    log = tmp_path / "starts.jsonl"
+    os.mkfifo(tmp_path / "hang")
+    cls = ray.remote(_UnitsActor).options(num_cpus=0, max_concurrency=4, max_restarts=0, max_task_retries=0)
+    actors = [cls.remote(str(log)) for _ in range(2)]
+    created: list = []
+
+    def replace():
+        created.append(cls.remote(str(log)))
+        return created[-1]
+
+    def schedule(units: list[str]) -> list:
+        sched = _Scheduler(actors, units, lambda a, u: a.run_unit.remote(u), deadline_s=4.0, replace=replace,
+                           deadline_why=" (test)")
+        out: list = []
+        th = threading.Thread(target=lambda: out.extend(sched.results(lambda counts: None)), daemon=True)
+        th.start()
+        th.join(timeout=120)
+        assert not th.is_alive(), "the job is still waiting for the hung unit: no deadline"
+        return out
+
+    try:
+        ray.get([a.ready.remote() for a in actors])
+        first = list(actors)
+        out = schedule(["a", "hang", "b", "c", "d"])
+        errors = {u: e for u, _, e in out if e is not None}
+        assert sorted(u for u, r, e in out if e is None) == ["a", "b", "c", "d"]
+        assert list(errors) == ["hang"]
+        assert errors["hang"].startswith("deadline passed: no progress for 4 s (test)"), errors
+        assert "replaced" in errors["hang"] and "rerun" in errors["hang"]
+        # The hung process is gone and a fresh actor answers in its place.
+        hung_pid = next(json.loads(line)["pid"] for line in log.read_text().splitlines() if '"hang"' in line)
+        assert len(created) == 1 and created[0] in actors and sum(a is b for a, b in zip(actors, first)) == 1
+        assert ray.get(created[0].ready.remote()) != hung_pid
+        # The rerun, the source repaired, redoes the unit.
+        (tmp_path / "hang").unlink()
+        (tmp_path / "hang").write_bytes(b"readable now")
+        again = schedule(["hang"])
+        assert [(u, e) for u, _, e in again] == [("hang", None)]
+    finally:
+        for a in actors + created:
+            ray.kill(a)
+
+
+@pytest.mark.slow  # two model loads per replaced actor and a rerun: ~90 s on 2 busy cores
+def test_units_past_their_deadline_fail_with_the_reason_and_the_rerun_writes_them(tmp_path, source_dir, ray_cluster):
+    """The deadline wired through `astrea extract --image-timeout` to the real inference actors: with a
+    deadline no unit can meet, units fail with the reason in the summary and the report (exit 1), the
+    killed actors are replaced (not restarted); the rerun with the default
+    deadline writes exactly those units, and the store verifies."""
+    from typer.testing import CliRunner
+
+    from astrea.cli import app
+    from astrea.shards import Store
+    from astrea.shards.audit import verify
+
+    store = tmp_path / "store"
+    args = ["extract", "--expert", "siglip", "--data", str(source_dir), "--store", str(store), "--small",
+            "--weights", "random", "--batch-size", str(BATCH), "--shards", "00000-00001", "--no-progress",
+            "--report", str(tmp_path / "report.json")]
+    res = CliRunner().invoke(app, [*args, "--image-timeout", "0.001"])
+    assert res.exit_code == 1, res.output
+    r = json.loads((tmp_path / "report.json").read_text())["experts"][0]
+    assert r["units_failed"], r
+    for unit, reason in r["units_failed"].items():
+        assert reason.startswith("deadline passed: no progress for 0.002 s (--image-timeout 0.001 x --batch-size 2)"), reason
+        assert f"{unit}: deadline passed" in res.output
+    assert sorted([*r["units_failed"], *r["units_committed"]]) == ["00000", "00001"]
+    (edir,) = Store(store).experts(Store(store).datasets()[0])
+    assert edir.committed_units() == sorted(r["units_committed"])  # a killed writer's temp is no unit
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    r2 = json.loads((tmp_path / "report.json").read_text())["experts"][0]
+    assert sorted(r2["units_committed"]) == sorted(r["units_failed"])
+    # A killed writer may outlive the job that killed it by a moment (a process blocked in the kernel
+    # does not die at once), holding its unit's lock: its temp goes at the next job's cleanup.
+    assert not edir.temp_files()
+    assert verify(Store(store)).ok
