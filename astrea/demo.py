@@ -32,10 +32,11 @@ class DemoConfig:
     steps: int = 100  # optimizer steps per training stage
     # The paper aligns to a pretrained LLM. The demo's tiny LLM is random, so it first gets a text-only
     # warm-up on the sample's training-split targets (llm.text_warmup_*), then trains with the stages
-    # (freeze_llm=False; the paper does not say whether its LLM is frozen in pre-alignment). Measured on
-    # this sample (docs/train.md): the image gain per stage is 0.03-0.04 nats/token with the LLM trained,
-    # 0.006-0.024 with it frozen, at grid 12. lr 1e-3: the paper's 1e-4 is for batch 128 over many
-    # thousands of steps, not 100 steps of 4.
+    # (freeze_llm=False; the paper does not say whether its LLM is frozen in pre-alignment), with a BPE
+    # tokenizer fitted on the same texts (llm.tokenizer). Measured on this sample (docs/train.md,
+    # benchmarks/tokenizer_gain.py): image gain 0.24 / 0.12 / 0.04 / 0.05 nats/token per stage with the
+    # fitted tokenizer, 0.02-0.03 with bytes; 0.006-0.024 with the LLM frozen (bytes). lr 1e-3: the
+    # paper's 1e-4 is for batch 128 over many thousands of steps, not 100 steps of 4.
     text_warmup_steps: int = 400
     text_warmup_epochs: float = 20.0  # passes over the training texts, at most text_warmup_steps
     freeze_llm: bool = False
