@@ -138,14 +138,33 @@ def preprocessing_spec(image_size: int) -> dict[str, Any]:
     }
 
 
+STRIP_ABOVE_PIXELS = 4_000_000  # larger images are converted and resized in strips (same output, less memory)
+STRIP_BYTES = 64 << 20
+
+
 def apply_preprocessing(image: Any, image_size: int):
     """PIL RGB -> float32 [3, S, S], the same ops in the same order as ``SAM2Transforms``
     (to_tensor, then tensor Resize((S, S)) bilinear with antialias, then Normalize)."""
+    import torch
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    x = TF.to_tensor(image)
-    x = TF.resize(x, [image_size, image_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    mode = InterpolationMode.BILINEAR
+    w, h = image.size
+    if w * h <= STRIP_ABOVE_PIXELS:
+        x = TF.to_tensor(image)
+        x = TF.resize(x, [image_size, image_size], interpolation=mode, antialias=True)
+        return TF.normalize(x, _MEAN, _STD)
+    # A large image as a float tensor is 12 bytes a pixel (768 MB at 64M pixels), and resize makes more.
+    # The antialiased resize is separable (width pass, then height pass, each per row or column), so
+    # resizing the width strip by strip and then the height gives the same bits (tests/extract/test_sam2.py)
+    # with the float temporaries of one strip plus the [3, H, S] intermediate.
+    rows = max(1, STRIP_BYTES // (w * 3 * 4))
+    parts = []
+    for top in range(0, h, rows):
+        strip = TF.to_tensor(image.crop((0, top, w, min(h, top + rows))))
+        parts.append(TF.resize(strip, [strip.shape[1], image_size], interpolation=mode, antialias=True))
+    x = TF.resize(torch.cat(parts, 1), [image_size, image_size], interpolation=mode, antialias=True)
     return TF.normalize(x, _MEAN, _STD)
 
 

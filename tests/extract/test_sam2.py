@@ -308,3 +308,22 @@ def test_real_size_shapes(arch):
     out = e.forward(x[None])[0]
     assert out.tokens.shape == (576, 256) and out.pooled.shape == (256,)
     assert all(m["rle"]["size"] == [256, 256] for m in out.outputs["masks"])
+
+
+def test_large_images_are_resized_in_strips_to_the_same_bits(monkeypatch):
+    """Above STRIP_ABOVE_PIXELS the width is resized strip by strip, then the height: the same output as
+    SAM2Transforms' one full-size float resize, bit for bit (a lower threshold exercises it cheaply)."""
+    import numpy as np
+    from PIL import Image
+
+    from astrea.extract.experts import sam2
+
+    rng = np.random.default_rng(0)
+    for h, w in ((701, 1203), (1100, 333)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        whole = sam2.apply_preprocessing(img, 256)
+        monkeypatch.setattr(sam2, "STRIP_ABOVE_PIXELS", 1000)
+        monkeypatch.setattr(sam2, "STRIP_BYTES", 37 * w * 12)  # 37-row strips: the last one is short
+        strips = sam2.apply_preprocessing(img, 256)
+        monkeypatch.undo()
+        assert strips.shape == whole.shape and torch.equal(strips, whole)
