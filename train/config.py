@@ -232,13 +232,8 @@ class TrainConfig:
 
 
 def default_stages() -> list[str]:
-    """All pre-alignment stages, then the MoE/MoCo main stage once that plug-in exists."""
-    import importlib.util
-
-    stages = list(PRE_ALIGNMENT_STAGES)
-    if importlib.util.find_spec("astrea.train.main_stage") is not None:
-        stages.append("main")
-    return stages
+    """All pre-alignment stages, then the MoE/MoCo main stage (the paper's order)."""
+    return [*PRE_ALIGNMENT_STAGES, "main"]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
