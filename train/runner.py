@@ -77,6 +77,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     specs = resolve_experts(cfg.store, cfg.data, list(needed_by), cfg.expected_fingerprints, needed_by=needed_by)
     for s in stages:
         s.ctx.specs = dict(specs)
+    _join_instructions(cfg, stages)
     saved = _read_run_json(run_dir) if cfg.resume and latest is not None else None
     if saved is not None:
         _check_same_store(saved, specs)
@@ -168,6 +169,22 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     return summary
 
 
+def _join_instructions(cfg: TrainConfig, stages) -> None:
+    """Parse and join the instruction files before any step: bad files and an empty join fail here."""
+    for s in stages:
+        if not getattr(s, "uses_instructions", False):
+            continue
+        joined = s.join_instructions()
+        c = joined.counts()
+        if c["matched"] == 0 and not (c["text_only"] and cfg.instructions.text_only):
+            shown = ", ".join(repr(x.image) for x in joined.unmatched[:3])
+            raise TrainError(
+                f"instructions: none of the {c['records']} records' images is in {cfg.store}/{cfg.data} "
+                f"(e.g. {shown}); check instructions.match and the dataset, and list them with "
+                f"`astrea data instructions FILE --store {cfg.store} --data {cfg.data}`"
+            )
+
+
 def _tiny_llm_dir(cfg: TrainConfig, llm_dir: Path) -> Path | None:
     """Where a tiny-random LLM is reloaded from: this run's own copy, else the ``init_from`` run's.
 
@@ -216,6 +233,12 @@ def _text_warmup(cfg: TrainConfig, stages, device: torch.device):
 
         renders = [fitted(r) for s in stages for r in s.text_renders()]
         texts = collect_texts(records, renders, cfg.llm.text_warmup_texts)
+        for s in stages:  # instruction conversations (main stage): their prompts and answers too
+            if getattr(s, "uses_instructions", False):
+                convs = (r for r in s.wrap_opener(opener, rank=0, world_size=1)(0, False)
+                         if "instruction" in r and not is_heldout(r["key"], cfg.dataset.heldout_fraction))
+                more = collect_texts(convs, [fitted(s.render)], cfg.llm.text_warmup_texts)
+                texts = list(dict.fromkeys(texts + more))[: max(cfg.llm.text_warmup_texts, len(texts))]
         if stats:  # the stages count targets they drop while training; reading texts here is not training
             stats.dropped.clear()
             stats.dropped.update(before)
