@@ -93,11 +93,20 @@ def generate(model: Any, stage: Any, features: dict[str, dict[str, Any]], prompt
             shown = text
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
         step = emb(torch.tensor([[nxt]], device=device))
-        out = model.llm(inputs_embeds=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        out = _step(model.llm, step, mask, out)
     text = tok.decode(out_ids, skip_special_tokens=True)
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])
     return text
+
+
+def _step(llm: Any, step: torch.Tensor, mask: torch.Tensor, prev: Any) -> Any:
+    """One decoding step on the previous output's KV cache (``cache`` in transformers >= 5.x, else
+    ``past_key_values``)."""
+    cache = getattr(prev, "cache", None)
+    if cache is not None:
+        return llm(inputs_embeds=step, attention_mask=mask, cache=cache, use_cache=True)
+    return llm(inputs_embeds=step, attention_mask=mask, past_key_values=prev.past_key_values, use_cache=True)
 
 
 def _pick(logits: torch.Tensor, opts: GenerateOptions, gen: torch.Generator) -> int:
