@@ -233,3 +233,13 @@ def test_astrea_data_instructions_lists_unmatched_images(toy_store, tmp_path):
     assert "3 records, 1 joined to 1 store images, 1 text-only, 1 skipped" in res.output
     assert "unmatched\t000000052846\tcoco/train2017/not_in_store.jpg\t" in res.output
     assert store_keys(str(toy_store), "toy", ["siglip", "sam2"]) == {f"img{i:05d}" for i in range(48)}
+
+
+def test_a_file_none_of_whose_images_is_in_the_store_fails_before_training(toy_store, tmp_path):
+    from astrea.train import run
+
+    f = write_llava(tmp_path / "llava.json", [LLAVA[1], LLAVA[2]])
+    cfg = main_cfg(toy_store, tmp_path, [f], **{"instructions.text_only": False, "progress": False})
+    with pytest.raises(TrainError, match="none of the 2 records' images is in .*astrea data instructions"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
