@@ -135,7 +135,9 @@ def run(cfg: DemoConfig) -> Path:
     t = time.monotonic()
     from astrea.train.eval import EvalConfig, evaluate
 
-    metrics = evaluate(EvalConfig(run=str(run_dir), instructions=[str(data_dir / "instructions.json")]))
+    # answers are at most "bottom right" + EOS (13 byte tokens): 16 new tokens bound a rambling answer
+    metrics = evaluate(EvalConfig(run=str(run_dir), instructions=[str(data_dir / "instructions.json")],
+                                  max_new_tokens=16))
     timings["eval"] = time.monotonic() - t
     t = time.monotonic()
     answer = _generate_one(run_dir, data_dir, tcfg.dataset.heldout_fraction)
@@ -165,7 +167,9 @@ def _generate_one(run_dir: Path, data_dir: Path, heldout_fraction: float) -> dic
     convs = [c for c in read_instructions(data_dir / "instructions.json") if c.image]
     conv = next((c for c in convs if is_heldout(Path(c.image).stem, heldout_fraction)), convs[0])
     key = Path(conv.image).stem
-    question, truth = conv.turns[2][1], conv.turns[3][1]  # "What colour is the ...?"
+    # the conversation's first question, as training always asked it first ("How many shapes are there?");
+    # later questions follow earlier turns in training (eval scores them with those turns before them)
+    question, truth = conv.turns[0][1], conv.turns[1][1]
     _say(f"astrea generate {run_dir} --key {key} --prompt {question!r}")
     print("  answer: ", end="", flush=True)
     out = run_generate(GenerateConfig(run=str(run_dir), key=key, prompt=question, max_new_tokens=16),
