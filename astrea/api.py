@@ -12,6 +12,7 @@ for rec in astrea.joined("store", "sample", ["siglip", "ram_plus"], shuffle=Fals
     rec["experts"]["siglip"]["tokens"]                         # [G*G, D] numpy, stored dtype
 summary = astrea.train(store="store", data="sample", out="runs/a", stages=["caption"], steps=10)
 run = astrea.load_run("runs/a")                                # config + model with trained weights
+out = astrea.generate("runs/it", "What colour is it?", key="000010003")  # astrea generate; out["answer"]
 ```
 
 Imports are lazy: ``import astrea.api`` loads neither torch nor Ray.
@@ -74,6 +75,17 @@ def load_run(run: str | Path, **kwargs: Any) -> Any:
     from astrea.train.eval import load_run as _load
 
     return _load(run, **kwargs)
+
+
+def generate(run: str | Path, prompt: str, *, key: str = "", image: str | Path = "", on_text: Any = None,
+             **kwargs: Any) -> dict[str, Any]:
+    """One answer about one image (a store ``key`` or an ``image`` file, experts run online); ``kwargs`` are
+    :class:`astrea.train.generate.GenerateConfig` fields (max_new_tokens, temperature, top_p, seed, data, ...).
+    ``on_text(piece)`` receives the answer as it is generated. Returns ``{"answer", "source", ...}``."""
+    from astrea.train.generate import GenerateConfig, run_generate
+
+    return run_generate(GenerateConfig(run=str(run), prompt=prompt, key=key, image=str(image) if image else "",
+                                       **kwargs), on_text=on_text)
 
 
 def evaluate(run: str | Path, **kwargs: Any) -> dict[str, Any]:

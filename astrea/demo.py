@@ -2,7 +2,9 @@
 
 sample data -> extract all four experts (small architectures, random weights, local Ray) -> a text-only
 warm-up of the tiny random-init LLM on the training split's targets -> the four pre-alignment stages + the
-MoE/MoCo main stage -> eval (with the permuted-image control) -> report.
+MoE/MoCo main stage, instruction-tuned on the sample's generated instruction set (colour / count / position
+questions about the scenes) beside the pre-alignment targets -> eval (with the permuted-image control, and
+held-out answer accuracy) -> `astrea generate` on one held-out scene -> report.
 
 Every step is idempotent: rerunning the demo with the same ``--out`` reuses the sample and the store
 (finished units are skipped) and trains into a fresh run directory, never over an earlier one.
@@ -123,6 +125,9 @@ def run(cfg: DemoConfig) -> Path:
         "llm.freeze": cfg.freeze_llm or cfg.lora,
         "optim.lr": cfg.lr, "dataset.heldout_fraction": cfg.heldout_fraction, "save_every": 0,
         "llm.text_warmup_steps": cfg.text_warmup_steps, "llm.text_warmup_epochs": cfg.text_warmup_epochs,
+        # the paper's order: pre-alignment, then the main stage instruction-tuned (issue 16); the per-task
+        # targets stay a source so routing per task and retrieval are still measured
+        "instructions.files": [str(data_dir / "instructions.json")], "instructions.with_targets": True,
     })
     tsummary = train_run(tcfg)
     timings["train (all stages)"] = time.monotonic() - t
@@ -131,8 +136,13 @@ def run(cfg: DemoConfig) -> Path:
     t = time.monotonic()
     from astrea.train.eval import EvalConfig, evaluate
 
-    metrics = evaluate(EvalConfig(run=str(run_dir)))
+    # answers are at most "bottom right" + EOS (13 byte tokens): 16 new tokens bound a rambling answer
+    metrics = evaluate(EvalConfig(run=str(run_dir), instructions=[str(data_dir / "instructions.json")],
+                                  max_new_tokens=16))
     timings["eval"] = time.monotonic() - t
+    t = time.monotonic()
+    answer = _generate_one(run_dir, data_dir, tcfg.dataset.heldout_fraction)
+    timings["generate (1 held-out image)"] = time.monotonic() - t
     t = time.monotonic()
     from astrea.train.report import report as write_report
 
@@ -140,13 +150,56 @@ def run(cfg: DemoConfig) -> Path:
     timings["report"] = time.monotonic() - t
 
     path = out / "report.md"
-    path.write_text(render(cfg, out, store, run_dir, run_report, xreport, tsummary, metrics, timings))
+    path.write_text(render(cfg, out, store, run_dir, run_report, xreport, tsummary, metrics, timings, answer))
     (out / "demo.json").write_text(json.dumps(
         {"timings_s": timings, "store": str(store), "run": str(run_dir), "report": str(path)}, indent=2))
     total = sum(timings.values())
     _say("done in " + f"{total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     _say(f"report: {path}")
     return path
+
+
+def _generate_one(run_dir: Path, data_dir: Path, heldout_fraction: float) -> dict[str, Any]:
+    """`astrea generate` on the first held-out scene of the instruction set: its first question."""
+    from astrea.train.data import is_heldout
+    from astrea.train.generate import GenerateConfig, run_generate
+    from astrea.train.instructions import read_instructions
+
+    convs = [c for c in read_instructions(data_dir / "instructions.json") if c.image]
+    conv = next((c for c in convs if is_heldout(Path(c.image).stem, heldout_fraction)), convs[0])
+    key = Path(conv.image).stem
+    # the conversation's first question, as training always asked it first ("How many shapes are there?");
+    # later questions follow earlier turns in training (eval scores them with those turns before them)
+    question, truth = conv.turns[0][1], conv.turns[1][1]
+    _say(f"astrea generate {run_dir} --key {key} --prompt {question!r}")
+    print("  answer: ", end="", flush=True)
+    out = run_generate(GenerateConfig(run=str(run_dir), key=key, prompt=question, max_new_tokens=16),
+                       on_text=lambda piece: print(piece, end="", flush=True))
+    print(flush=True)
+    return {"key": key, "image": conv.image, "question": question, "truth": truth, "answer": out["answer"],
+            "heldout": is_heldout(key, heldout_fraction)}
+
+
+def _generate_section(answer: dict[str, Any] | None, metrics: dict[str, Any], run_dir: str) -> str:
+    if not answer:
+        return ""
+    ins = (metrics or {}).get("instructions") or {}
+    acc = ""
+    if ins.get("answers"):
+        acc = (f" Over all {ins['answers']} held-out answers: exact-match accuracy {_fmt(ins['accuracy'])} with the "
+               f"true images, {_fmt(ins['accuracy_permuted'])} with permuted images (the control).")
+    return f"""## Instruction tuning and `astrea generate`
+
+The main stage was instruction-tuned on the sample's generated instruction set (`instructions.json`: how many
+shapes, the colour of one, where one is; LLaVA's layout) beside the pre-alignment targets. One held-out
+scene ({'held out' if answer['heldout'] else 'NOT held out: no held-out scene'}), asked with
+`astrea generate {run_dir} --key {answer['key']} --prompt "{answer['question']}"`:
+
+| image | question | answer generated | answer drawn |
+|---|---|---|---|
+| `{answer['image']}` | {answer['question']} | **{answer['answer']!r}** | {answer['truth']} |
+{acc}
+"""
 
 
 def _store_table(store: Path) -> str:
@@ -170,7 +223,8 @@ def _store_table(store: Path) -> str:
 
 
 def render(cfg: DemoConfig, out: Path, store: Path, run_dir: Path, run_report: Path, xreport: dict[str, Any],
-           tsummary: dict[str, Any], metrics: dict[str, Any], timings: dict[str, float]) -> str:
+           tsummary: dict[str, Any], metrics: dict[str, Any], timings: dict[str, float],
+           answer: dict[str, Any] | None = None) -> str:
     rel = lambda p: Path(p).resolve().relative_to(out) if Path(p).resolve().is_relative_to(out) else Path(p)  # noqa: E731
     timing_rows = "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items())
     real = " \\\n    ".join(f"--weights {k}={v}" for k, v in REAL_WEIGHTS.items())
@@ -184,6 +238,7 @@ def render(cfg: DemoConfig, out: Path, store: Path, run_dir: Path, run_report: P
 
 {_image_use(metrics)[0]}
 
+{_generate_section(answer, metrics, str(rel(run_dir)))}
 ## Steps and timings
 
 | step | seconds |

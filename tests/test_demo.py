@@ -22,6 +22,10 @@ def test_demo_smallest(tmp_path):
     assert "## Does the model use the image?" in text and "L_reg, permuted images" in text
     assert "| caption |" in text.split("## Does the model use the image?")[1]
     assert "text only, no images" in text
+    # the paper's order ends with the instruction-tuned main stage answering a question about an image
+    gen = text.split("## Instruction tuning and `astrea generate`")[1].split("\n## ")[0]
+    assert "astrea generate" in gen and "| question | answer generated | answer drawn |" in gen
+    assert "Instructions: held-out answers" in text
     demo = json.loads((tmp_path / "demo" / "demo.json").read_text())
     run_dir = tmp_path / "demo" / "runs" / "001"
     assert demo["run"] == str(run_dir)

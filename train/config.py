@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from astrea.train.errors import TrainError
+from astrea.train.instructions import InstructionConfig
 
 PRE_ALIGNMENT_STAGES = ("caption", "classification", "detection", "segmentation")
 
@@ -136,6 +137,8 @@ class TrainConfig:
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dataset: DataConfig = field(default_factory=DataConfig)
+    # the main stage's instruction data (LLaVA-format files joined with the store by image key)
+    instructions: InstructionConfig = field(default_factory=InstructionConfig)
     steps: int = 200  # optimizer steps per stage
     stage_steps: dict[str, int] = field(default_factory=dict)  # per-stage override of `steps`
     batch_size: int = 8  # per process, per micro-batch
@@ -195,6 +198,10 @@ class TrainConfig:
         for name, ok, fix in checks:
             if not ok:
                 raise TrainError(f"config field {name}={_get(self, name)!r}: {fix}")
+        self.instructions.validate()
+        if self.instructions.files and "main" not in self.stages:
+            raise TrainError(f"config field instructions.files is set but stages={self.stages} has no main stage; "
+                             "instruction data trains the main stage (add main to --stages)")
         if len(set(self.stages)) != len(self.stages):
             raise TrainError(f"config field stages={self.stages}: a stage is listed twice")
         out, store = Path(self.out).expanduser().resolve(), Path(self.store).expanduser().resolve()

@@ -95,9 +95,11 @@ def store_opener(
 class Position:
     epoch: int = 0
     consumed: int = 0  # records drawn from this epoch's iterator (held-out and skipped ones included)
+    # length-bucketed batches: batches already given from the pool that starts after ``consumed`` records
+    in_pool: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        return {"epoch": self.epoch, "consumed": self.consumed, "in_pool": self.in_pool}
 
 
 class Collator:
@@ -142,9 +144,36 @@ class Collator:
     def n_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False).input_ids)
 
+    def encode_row(self, r: Any) -> tuple[list[int], list[int], Any]:
+        """Token ids, labels (-100: no loss) and the fitted rendering of one rendered sample (a single-turn
+        :class:`~astrea.train.templates.Rendered` or a multi-turn instruction ``Dialogue``)."""
+        from astrea.train.instructions import Dialogue, encode_dialogue
+
+        if isinstance(r, Dialogue):
+            r = r.rendered(self.tok)
+            ids, labels, dropped, cut = encode_dialogue(r, self.tok, self.max_len)
+            self.targets += 1
+            self.task_targets[r.task] += 1
+            if dropped:
+                self.fitted += 1
+                self.dropped_items[r.task] += dropped  # whole answer turns dropped to fit
+            if cut:
+                self.truncated += 1
+                self.cut_tasks[r.task] += 1
+            return ids, labels, r
+        p, t, r = self.encode(r)
+        return p + t, [IGNORE] * len(p) + t, r
+
     def encode(self, r: Any) -> tuple[list[int], list[int], Any]:
         """Prompt ids (BOS first), target ids (EOS last) and the fitted rendering of a rendered sample,
-        at most ``max_text_tokens`` in all; updates the counters."""
+        at most ``max_text_tokens`` in all; updates the counters. A ``Dialogue``: the ids before its first
+        answer, then the rest (later questions included; :meth:`encode_row` has the per-turn labels)."""
+        from astrea.train.instructions import Dialogue
+
+        if isinstance(r, Dialogue):
+            ids, labels, r = self.encode_row(r)
+            first = next((i for i, x in enumerate(labels) if x != IGNORE), len(ids))
+            return ids[:first], ids[first:], r
         bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         p = bos + self.tok(r.prompt, add_special_tokens=False).input_ids
         room = max(self.max_len - len(p), 1)  # target + EOS
@@ -182,10 +211,10 @@ class Collator:
             return None
         ids, labels = [], []
         for i, (rec, r) in enumerate(rows):
-            p, t, r = self.encode(r)
+            x, y, r = self.encode_row(r)
             rows[i] = (rec, r)  # the fitted text: the batch's ``targets`` are what carries loss
-            ids.append(p + t)
-            labels.append([IGNORE] * len(p) + t)
+            ids.append(x)
+            labels.append(y)
         n = max(len(x) for x in ids)
         pad = self.tok.pad_token_id
         batch: dict[str, Any] = {
@@ -197,6 +226,8 @@ class Collator:
             "targets": [r.target for _, r in rows],
             "tasks": [r.task for _, r in rows],
             "captions": [rec.get("caption") for rec, _ in rows],
+            # False: a text-only instruction record (blank features); eval's image controls leave it out
+            "has_image": [not rec.get("text_only", False) for rec, _ in rows],
             "tokens": {},
             "pooled": {},
         }
@@ -214,8 +245,17 @@ def batches(
     heldout_fraction: float,
     shuffle: bool = True,
     start: Position | None = None,
+    bucket: int = 0,
+    length: Callable[[dict[str, Any]], int] | None = None,
+    seed: int = 0,
 ) -> Iterator[tuple[dict[str, Any], Position]]:
-    """Endless training batches and the stream position after each; resumes exactly at ``start``."""
+    """Endless training batches and the stream position after each; resumes exactly at ``start``.
+
+    ``bucket`` > 0 (with ``length(record)``): length-bucketed batches, see :func:`bucketed_batches`."""
+    if bucket > 0 and length is not None:
+        yield from bucketed_batches(open_epoch, collate, batch_size, heldout_fraction=heldout_fraction,
+                                    shuffle=shuffle, start=start, bucket=bucket, length=length, seed=seed)
+        return
     pos = start or Position()
     epoch, skip = pos.epoch, pos.consumed
     while True:
@@ -243,6 +283,68 @@ def batches(
         epoch, skip = epoch + 1, 0
 
 
+def bucketed_batches(
+    open_epoch: OpenEpoch,
+    collate: Collator,
+    batch_size: int,
+    *,
+    heldout_fraction: float,
+    shuffle: bool,
+    start: Position | None,
+    bucket: int,
+    length: Callable[[dict[str, Any]], int],
+    seed: int,
+) -> Iterator[tuple[dict[str, Any], Position]]:
+    """Length-bucketed training batches: training records are read in pools of ``bucket * batch_size``,
+    sorted by ``length``, cut into batches (little padding: similar lengths together), and a pool's
+    batches given in a seeded random order (no long-to-short drift through the epoch).
+
+    Pools start at fixed stream positions, so a position ``(epoch, consumed at the pool's start, batches
+    given from it)`` resumes exactly: the same pool is rebuilt and its first ``in_pool`` batches skipped."""
+    pos = start or Position()
+    epoch, skip, skip_batches = pos.epoch, pos.consumed, pos.in_pool
+    size = bucket * batch_size
+    while True:
+        consumed, produced, pool, pool_start = 0, 0, [], skip
+
+        def emit(pool: list[dict[str, Any]], begin: int, end: int, skip_batches: int):
+            order = sorted(range(len(pool)), key=lambda i: (length(pool[i]), i))
+            chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+            if shuffle:
+                np.random.default_rng([seed, epoch, begin]).shuffle(chunks)
+            for j, chunk in enumerate(chunks):
+                if j < skip_batches:
+                    continue
+                b = collate([pool[i] for i in chunk])
+                last = j == len(chunks) - 1
+                p = Position(epoch, end, 0) if last else Position(epoch, begin, j + 1)
+                if b is not None:
+                    yield b, p
+
+        for rec in open_epoch(epoch, shuffle):
+            consumed += 1
+            if consumed <= skip:
+                continue
+            if not is_heldout(rec["key"], heldout_fraction):
+                pool.append(rec)
+            if len(pool) == size:
+                for item in emit(pool, pool_start, consumed, skip_batches):
+                    produced += 1
+                    yield item
+                pool, pool_start, skip_batches = [], consumed, 0
+        if pool:
+            for item in emit(pool, pool_start, consumed, skip_batches):
+                produced += 1
+                yield item
+        if produced == 0 and skip == 0:
+            raise TrainError(
+                f"epoch {epoch} gave no training batch on this rank: every record was held out or skipped "
+                f"({collate.skipped} without a usable target or expert); use more data or a smaller "
+                "dataset.heldout_fraction"
+            )
+        epoch, skip, skip_batches = epoch + 1, 0, 0
+
+
 def scan_targets(
     open_epoch: OpenEpoch, collate: Collator, *, heldout_fraction: float, max_samples: int
 ) -> dict[str, Any]:
@@ -258,7 +360,7 @@ def scan_targets(
             feats = rec.get("experts") or {}
             r = c.render(rec) if all(e in feats for e in c.experts) else None
             if r is not None:
-                c.encode(r)
+                c.encode_row(r)
             if n >= max_samples:
                 break
     return {"records": n, **c.counts()}

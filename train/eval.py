@@ -19,7 +19,11 @@ Writes ``RUN/eval.json`` and ``RUN/eval.md``:
 - ``targets``: per stage (and ``main/<task>``) how many held-out targets were cut at
   ``dataset.max_text_tokens`` per task and how many items were dropped to fit;
 - ``routing``: per-expert routing mass overall and per task type, mean router entropy (nats; the
-  maximum is log k) and load balance (1 = even, n = all on one expert).
+  maximum is log k) and load balance (1 = even, n = all on one expert);
+- ``instructions`` (``--instructions FILE``): on the conversations about held-out images, exact-match answer
+  accuracy (greedy answers, VQA normalisation: lower case, no punctuation or articles) of every assistant
+  turn given the true earlier turns, and L_reg on the answer tokens; each beside the permuted-image control
+  (every conversation asked about another held-out image's features).
 
 The held-out split is the run's own (hash of the key, ``dataset.heldout_fraction``), and the store must
 still hold the exact expert fingerprints the run trained on (checked before anything is computed).
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +59,18 @@ class EvalConfig:
     weights: str = ""  # a stage weights file / checkpoint dir; default: the run's newest weights
     # score the same weights with another residual.at_eval (expectation | average | all); "": the run's own
     residual_at_eval: str = ""
+    # LLaVA-format instruction files scored on the held-out images (answer accuracy, L_reg, permuted control)
+    instructions: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32  # per generated answer
 
     def validate(self) -> None:
         from astrea.train.residual import AT_EVAL
+
+        for f in self.instructions:
+            if not Path(f).expanduser().is_file():
+                raise TrainError(f"eval --instructions {f}: no such file")
+        if self.max_new_tokens < 1:
+            raise TrainError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
 
         if self.residual_at_eval and self.residual_at_eval not in AT_EVAL:
             raise TrainError(f"eval residual_at_eval={self.residual_at_eval!r} is not valid; choose one of {list(AT_EVAL)}")
@@ -449,6 +462,10 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
         else:
             out["notes"].append("fewer than 2 held-out images with a caption: no retrieval metrics")
+    if ecfg.instructions:
+        if main is None:
+            raise TrainError("eval --instructions: the run has no main stage (instruction data trains the main stage)")
+        out["instructions"] = instruction_metrics(lr, main, held, ecfg)
     out["targets"] = {
         "max_text_tokens": cfg.dataset.max_text_tokens, "format": cfg.dataset.target_format,
         "fit_targets": cfg.dataset.fit_targets, "stages": {n: c.counts() for n, c in collators.items()},
@@ -468,6 +485,66 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     (run_dir / EVAL_JSON).write_text(dumps_strict(out))
     (run_dir / EVAL_MD).write_text(eval_markdown(out))
     return out
+
+
+@torch.no_grad()
+def instruction_metrics(lr: LoadedRun, main: Any, held: list[dict[str, Any]], ecfg: EvalConfig) -> dict[str, Any]:
+    """Answer accuracy and answer-token L_reg on the conversations about held-out images (module doc)."""
+    from astrea.train.data import Collator, derangement, with_permuted_features
+    from astrea.train.generate import GenerateOptions, generate
+    from astrea.train.instructions import InstructionConfig, join, normalize_answer, prompt_text
+
+    cfg, model = lr.cfg, lr.model
+    ic = InstructionConfig(files=list(ecfg.instructions), match=cfg.instructions.match,
+                           template=cfg.instructions.template)
+    convs = ic.build()
+    by_key = {r["key"]: r for r in held}
+    joined = join(convs, set(by_key), ic.match)
+    samples = [{**by_key[k], "instruction": c} for k, cs in joined.by_key.items() for c in cs]
+    collate = Collator(main.render, model.tokenizer, main.required_experts(), cfg.dataset.max_text_tokens,
+                       fit_targets=cfg.dataset.fit_targets)
+    bs = [b for i in range(0, len(samples), ecfg.batch_size) if (b := collate(samples[i : i + ecfg.batch_size]))]
+    lreg = {}
+    for part, batches_ in (("true", bs), ("permuted", with_permuted_features(bs, seed=cfg.seed))):
+        acc = _LossSum()
+        for b in batches_:
+            b = _to_device(b, lr.device)
+            loss, n = model.lm_loss(main.visual_tokens(model, b), b["input_ids"], b["attention_mask"], b["labels"])
+            acc.add(loss, n, len(b["keys"]))
+        lreg[part] = acc.value()
+    # greedy answers, each assistant turn given the true turns before it; the control asks the same
+    # conversation about another held-out image (a derangement over the conversations)
+    perm = derangement(len(samples), cfg.seed)
+    opts = GenerateOptions(max_new_tokens=ecfg.max_new_tokens)
+    right = {"true": 0, "permuted": 0}
+    answers, examples = 0, []
+    for i, smp in enumerate(samples):
+        turns = smp["instruction"].turns
+        for j, (role, truth) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt = prompt_text(turns[:j], model.tokenizer, ic.template)
+            got = {}
+            for part, src in (("true", smp), ("permuted", samples[perm[i]])):
+                got[part] = generate(model, main, src["experts"], prompt, opts, key=src["key"])
+                right[part] += normalize_answer(got[part]) == normalize_answer(truth)
+            answers += 1
+            if len(examples) < 6:
+                examples.append({"key": smp["key"], "question": turns[j - 1][1], "answer": truth,
+                                 "generated": got["true"], "generated_permuted_image": got["permuted"]})
+    return {
+        "files": list(ecfg.instructions),
+        "conversations": len(samples),
+        "images": len(joined.by_key),
+        "answers": answers,
+        "accuracy": right["true"] / answers if answers else None,
+        "accuracy_permuted": right["permuted"] / answers if answers else None,
+        "lreg": lreg["true"],
+        "lreg_permuted": lreg["permuted"],
+        "not_heldout_or_unmatched": len(joined.unmatched),
+        "text_only_not_scored": len(joined.text_only),
+        "examples": examples,
+    }
 
 
 # -- markdown ---------------------------------------------------------------------------------------
@@ -561,6 +638,22 @@ def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
                 row("image -> caption", cl["image_to_text"]), row("caption -> image group", cl["text_to_image"]),
                 row("chance", cl["chance"]), "",
             ]
+    ins = m.get("instructions")
+    if ins:
+        lines += [
+            f"{heading}# Instructions: held-out answers ({ins['answers']} answers in {ins['conversations']} "
+            f"conversations about {ins['images']} held-out images)", "",
+            "| | true images | permuted images |", "|---|---:|---:|",
+            f"| exact-match accuracy | {_f(ins['accuracy'], '.3f')} | {_f(ins['accuracy_permuted'], '.3f')} |",
+            f"| L_reg (answer tokens) | {_f(ins['lreg'])} | {_f(ins['lreg_permuted'])} |", "",
+            "Greedy answers, each turn given the true turns before it; exact match after lower-casing and removing "
+            "punctuation and articles. Permuted: the same conversation asked about another held-out image.", "",
+        ]
+        if ins.get("examples"):
+            lines += ["| key | question | answer | generated | generated, permuted image |", "|---|---|---|---|---|"]
+            lines += [f"| {e['key']} | {e['question']} | {e['answer']} | {e['generated']!r} | "
+                      f"{e['generated_permuted_image']!r} |" for e in ins["examples"]]
+            lines.append("")
     ro = m.get("routing")
     if ro:
         names = ro["experts"]

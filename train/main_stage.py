@@ -15,6 +15,11 @@ hash of (seed, key): reproducible, identical after ``--resume`` and independent 
 timing; over many images every task gets an even share. When the chosen task has no text for an image
 (no caption, no outputs), the next task in order is used.
 
+Instruction data (issue 16): with ``instructions.files`` (``astrea train --instructions FILE``), the main stage
+trains on LLaVA-format conversations joined with the store by image key (astrea.train.instructions):
+one sample per conversation, loss on every assistant turn, the LLM's chat template where it has one;
+``instructions.with_targets`` keeps the per-task targets above as one more source.
+
 Options live in the train config under ``extras`` (see :class:`MainStageConfig`), e.g.
 ``--set extras.top_k=1 --set extras.no_moco=true --set extras.mu=0.5``.
 """
@@ -142,6 +147,38 @@ class MainStage(Stage):
                 f"({len(self.experts)}: {', '.join(self.experts)})"
             )
         self._last: MoEOutput | None = None
+        self.joined = None  # instruction records joined with the store (astrea.train.instructions.Joined)
+
+    # -- instruction data ---------------------------------------------------------------------------
+    @property
+    def uses_instructions(self) -> bool:
+        return bool(self.ctx.cfg.instructions.files)
+
+    def join_instructions(self):
+        """Parse the instruction files and join them with the store (once); returns the ``Joined``."""
+        from astrea.train.instructions import join_store
+
+        if self.joined is None and self.uses_instructions:
+            self.joined = join_store(self.ctx.cfg, self.required_experts())
+        return self.joined
+
+    def wrap_opener(self, opener: Any, *, rank: int, world_size: int) -> Any:
+        if not self.uses_instructions:
+            return opener
+        from astrea.train.instructions import blank_features, instruction_opener
+
+        ic = self.ctx.cfg.instructions
+        blank = blank_features(self.ctx.specs, self.required_experts()) if ic.text_only else None
+        return instruction_opener(opener, self.join_instructions(), blank=blank, with_targets=ic.with_targets,
+                                  seed=self.ctx.cfg.seed, rank=rank, world_size=world_size)
+
+    def sample_length(self, sample: dict[str, Any]) -> int:
+        """Length estimate for length-bucketed batches (characters of the conversation)."""
+        c = sample.get("instruction")
+        return c.chars() if c is not None else len(str(sample.get("caption") or ""))
+
+    def bucket(self) -> int:
+        return self.ctx.cfg.instructions.bucket if self.uses_instructions else 0
 
     # -- what it reads ------------------------------------------------------------------------------
     def tasks(self) -> list[str]:
@@ -215,7 +252,9 @@ class MainStage(Stage):
         reading of the instruction, the LLM is not trained to serve the router.
         """
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        prompt = mask.bool() & (labels == IGNORE)  # the prompt is a prefix of each row
+        # the prompt: each row's prefix before its first target token (a conversation's later questions,
+        # also without loss, are not part of it)
+        prompt = mask.bool() & ((labels != IGNORE).long().cumsum(1) == 0)
         with torch.no_grad():
             if self.mc.moe.router_context == "embedding":
                 emb = model.llm.get_input_embeddings()(ids).float()
@@ -308,7 +347,12 @@ class MainStage(Stage):
         h = hashlib.blake2b(f"{self.ctx.cfg.seed}:{key}".encode(), digest_size=8).digest()
         return self.mc.tasks[int.from_bytes(h, "little") % len(self.mc.tasks)]
 
-    def render(self, sample: dict[str, Any]) -> Rendered | None:
+    def render(self, sample: dict[str, Any]) -> Any:
+        conv = sample.get("instruction")
+        if conv is not None:
+            from astrea.train.instructions import Dialogue
+
+            return Dialogue(list(conv.turns), self.ctx.cfg.instructions.template)
         tasks = self.mc.tasks
         start = tasks.index(self.task_for(str(sample.get("key", ""))))
         return self._render_first(sample, tasks[start:] + tasks[:start])

@@ -87,6 +87,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     specs = resolve_experts(cfg.store, cfg.data, list(needed_by), cfg.expected_fingerprints, needed_by=needed_by)
     for s in stages:
         s.ctx.specs = dict(specs)
+    _join_instructions(cfg, stages)
     saved = _read_run_json(run_dir) if cfg.resume and latest is not None else None
     if saved is not None:
         _check_same_store(saved, specs)
@@ -178,6 +179,22 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     return summary
 
 
+def _join_instructions(cfg: TrainConfig, stages) -> None:
+    """Parse and join the instruction files before any step: bad files and an empty join fail here."""
+    for s in stages:
+        if not getattr(s, "uses_instructions", False):
+            continue
+        joined = s.join_instructions()
+        c = joined.counts()
+        if c["matched"] == 0 and not (c["text_only"] and cfg.instructions.text_only):
+            shown = ", ".join(repr(x.image) for x in joined.unmatched[:3])
+            raise TrainError(
+                f"instructions: none of the {c['records']} records' images is in {cfg.store}/{cfg.data} "
+                f"(e.g. {shown}); check instructions.match and the dataset, and list them with "
+                f"`astrea data instructions FILE --store {cfg.store} --data {cfg.data}`"
+            )
+
+
 def _tiny_llm_dir(cfg: TrainConfig, llm_dir: Path) -> Path | None:
     """Where a tiny-random LLM is reloaded from: this run's own copy, else the ``init_from`` run's.
 
@@ -227,7 +244,16 @@ class _TextWarmup:
                                   log=StoreReadLog(skip_damaged=cfg.dataset.skip_damaged))
             records = (r for r in opener(0, False) if not is_heldout(r["key"], cfg.dataset.heldout_fraction))
             renders = [r for s in stages for r in s.text_renders()]
-            self._rendered = collect_rendered(records, renders, cfg.llm.text_warmup_texts)
+            limit = cfg.llm.text_warmup_texts
+            rendered = collect_rendered(records, renders, limit)
+            for s in stages:  # instruction conversations (main stage): their prompts and answers too
+                if getattr(s, "uses_instructions", False):
+                    convs = (r for r in s.wrap_opener(opener, rank=0, world_size=1)(0, False)
+                             if "instruction" in r and not is_heldout(r["key"], cfg.dataset.heldout_fraction))
+                    more = collect_rendered(convs, [s.render], limit)
+                    both = {(r.prompt, r.target): r for r in rendered + more}
+                    rendered = list(both.values())[: max(limit, len(rendered))]
+            self._rendered = rendered
             if stats:  # the stages count targets they drop while training; reading texts here is not training
                 stats.dropped.clear()
                 stats.dropped.update(before)

@@ -103,6 +103,18 @@ class Stage:
     def render(self, sample: dict[str, Any]) -> Rendered | None:
         return render(sample, self.tasks(), self.ctx.cfg.target_sources, self.ctx.target_options(), self.ctx.stats)
 
+    def wrap_opener(self, opener: Any, *, rank: int, world_size: int) -> Any:
+        """The records this stage trains on, from the store's joined records (the main stage adds its
+        instruction data here); identity by default."""
+        return opener
+
+    def bucket(self) -> int:
+        """Pools of ``bucket() x batch_size`` records form length-bucketed batches (0: stream order)."""
+        return 0
+
+    def sample_length(self, sample: dict[str, Any]) -> int:
+        return 0
+
     def text_renders(self) -> list[Any]:
         """Render functions whose texts this stage trains on (the LLM's text-only warm-up reads them)."""
         return [self.render]

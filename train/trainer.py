@@ -129,7 +129,7 @@ class Trainer:
             self.cfg.store, self.cfg.data, experts, seed=self.cfg.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, log=self.store_log,
         )
-        return opener, self.collators[stage.name]
+        return stage.wrap_opener(opener, rank=self.dist.rank, world_size=self.dist.world_size), self.collators[stage.name]
 
     def check_targets(self, stage: Stage, opener: Any, collator: Collator) -> dict[str, Any]:
         """Scan the stage's first training targets (``dataset.target_check``, summed over ranks); warn
@@ -138,13 +138,14 @@ class Trainer:
                              max_samples=self.cfg.dataset.target_check)
         keys = ["records", "targets", "truncated_targets", "fitted_targets"]
         flat = [float(local[k]) for k in keys]
+        tasks = (*TASKS, "instruction")
         for group in ("dropped_items", "cut_tasks", "task_targets"):
-            flat += [float(local[group].get(t, 0)) for t in TASKS]
+            flat += [float(local[group].get(t, 0)) for t in tasks]
         tot = [int(v) for v in all_sum(flat, self.device, self.dist.world_size)]
         counts: dict[str, Any] = dict(zip(keys, tot[: len(keys)], strict=True))
         for i, group in enumerate(("dropped_items", "cut_tasks", "task_targets")):
-            vals = tot[len(keys) + i * len(TASKS) : len(keys) + (i + 1) * len(TASKS)]
-            counts[group] = {t: v for t, v in zip(TASKS, vals, strict=True) if v}
+            vals = tot[len(keys) + i * len(tasks) : len(keys) + (i + 1) * len(tasks)]
+            counts[group] = {t: v for t, v in zip(tasks, vals, strict=True) if v}
         msg = target_loss_message(stage.name, counts, self.cfg.dataset.max_text_tokens)
         if msg and self.dist.is_main:
             log.warning(msg)
@@ -200,7 +201,7 @@ class Trainer:
     def save(
         self, index: int, stage: Stage, step: int, pos: Position, opt, sched, result: StageResult, *, done: bool
     ) -> None:
-        positions = all_gather_ints([pos.epoch, pos.consumed], self.device, self.dist.world_size)
+        positions = all_gather_ints([pos.epoch, pos.consumed, pos.in_pool], self.device, self.dist.world_size)
         name = f"step-{self.global_step:08d}"
         tmp = self.ckpt.root / f"{name}.tmp"
         if self.dist.is_main:
@@ -269,6 +270,9 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, o.warmup, o.schedule))
         opener, collator = self._stream_parts(stage)
+        joined = getattr(stage, "joined", None)
+        if joined is not None and self.dist.is_main:
+            print(f"[astrea train] stage {stage.name}: {joined.summary()}", flush=True)
         target_check = self.check_targets(stage, opener, collator)
         per_rank = max(cfg.dataset.heldout_max // self.dist.world_size, 1)
         hb = heldout_batches(
@@ -291,7 +295,8 @@ class Trainer:
             result.heldout_before = self.log_heldout(stage, 0, hb)
         stream = Prefetcher(
             batches(opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction,
-                    shuffle=cfg.dataset.shuffle, start=pos),
+                    shuffle=cfg.dataset.shuffle, start=pos, bucket=stage.bucket(), length=stage.sample_length,
+                    seed=cfg.seed),
             cfg.dataset.prefetch,
         )
         self.metrics.start_bar(stage.name, total, step)
@@ -377,6 +382,8 @@ class Trainer:
             "target_check": target_check,
             "rank_param_checksums": self.check_ranks_in_sync(stage, params),
         }
+        if joined is not None:
+            result.extra["instructions"] = joined.counts()
         self.save_stage(stage, result)
         self.save(index, stage, total, pos, opt, sched, result, done=True)
         return result

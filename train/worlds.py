@@ -136,3 +136,51 @@ def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: i
     return World(Path(root), dataset, images, ("siglip", "ram_plus"),
                  "the classification target is the colour of the cell the caption expert points at"
                  + ("; the caption says which cell" if where_in_caption else ""))
+
+
+QUESTIONS = {"siglip": "What colour is the object?", "ram_plus": "What is it tagged with?"}
+
+
+def instruction_world(root: str | Path, *, images: int = 320, grid: int = 2, dim: int = 16, noise: float = 0.3,
+                      seed: int = 0, dataset: str = "instruct", per_unit: int = 80, text_only: int = 8,
+                      unmatched: int = 4) -> tuple[World, Path]:
+    """The routing world's store plus a LLaVA-format instruction file about its images (issue 16).
+
+    Each image gets one two-turn conversation: "What colour is the object?" (answer: the word the caption
+    expert carries) then "What is it tagged with?" (the classification expert's word). The answers are in
+    the features only, so held-out answer accuracy can beat the permuted-image control only by reading the
+    image. The file also holds ``text_only`` records without an image and ``unmatched`` records whose image
+    is not in the store (counted and skipped). Images are named as a folder of ``.jpg`` files would be
+    (``world/images/r000001.jpg``), matched to the store's keys by file stem."""
+    import json
+
+    world = routing_world(root, images=images, grid=grid, dim=dim, noise=noise, seed=seed, dataset=dataset,
+                          per_unit=per_unit)
+    # routing_world draws each image's attributes in order from this seed: replay them for the answers
+    rng = np.random.default_rng(seed)
+    for e in EXPERTS:
+        rng.normal(size=(len(WORDS), dim))
+    records = []
+    for i in range(images):
+        attr = {e: int(rng.integers(len(WORDS))) for e in EXPERTS}
+        for e in EXPERTS:
+            rng.normal(size=(grid * grid, dim))
+        key = f"r{i:06d}"
+        records.append({"id": f"q{i:06d}", "image": f"world/images/{key}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\n" + QUESTIONS["siglip"]},
+            {"from": "gpt", "value": WORDS[attr["siglip"]]},
+            {"from": "human", "value": QUESTIONS["ram_plus"]},
+            {"from": "gpt", "value": WORDS[attr["ram_plus"]]},
+        ]})
+    for j in range(text_only):
+        records.append({"id": f"t{j:04d}", "conversations": [
+            {"from": "human", "value": f"Say the word number {j % len(WORDS)}."},
+            {"from": "gpt", "value": WORDS[j % len(WORDS)]},
+        ]})
+    for j in range(unmatched):
+        records.append({"id": f"u{j:04d}", "image": f"world/images/missing{j:04d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\n" + QUESTIONS["siglip"]}, {"from": "gpt", "value": "red"},
+        ]})
+    path = Path(root) / "instructions.json"
+    path.write_text(json.dumps(records, indent=1))
+    return world, path

@@ -7,6 +7,7 @@ Command table (module -> commands):
   shards   astrea shards ls|info|verify     astrea.shards
   train    astrea train                     astrea.train
   analysis astrea eval|report|sweep        astrea.train
+  generate astrea generate                  astrea.train.generate
   demo     astrea demo                      astrea.demo
 """
 
@@ -29,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_COMMAND_MODULES = ("data", "experts", "extract", "shards", "train", "analysis", "demo")
+_COMMAND_MODULES = ("data", "experts", "extract", "shards", "train", "analysis", "generate", "demo")
 for _name in _COMMAND_MODULES:
     importlib.import_module(f"astrea.cli.{_name}").register(app)
 

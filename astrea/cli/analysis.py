@@ -13,8 +13,9 @@ EVAL_HELP = """Held-out metrics of a training run; writes RUN/eval.json and RUN/
 
 Held-out L_reg per pre-alignment stage and, for the main stage, per task type (caption, tags, boxes, masks); image-text retrieval R@1/R@5 with the MoCo embeddings; per-expert routing mass overall and per task type, router entropy and load balance. Uses the run's own held-out split and checks that the store still holds the exact expert fingerprints the run trained on.
 
-Example:\n
-  astrea eval runs/astrea --max-samples 512
+Examples:\n
+  astrea eval runs/astrea --max-samples 512\n
+  astrea eval runs/it --instructions heldout_questions.json
 """
 
 REPORT_HELP = """Plots and a markdown summary of a training run: RUN/loss.png (loss per stage over steps, cf. paper Fig. 3), RUN/routing.png (routing mass per expert and task, cf. Fig. 2) and RUN/report.md. Runs `astrea eval` first when RUN/eval.json is missing (unless --no-eval). Says plainly when the LLM or the experts had random weights.
@@ -46,6 +47,11 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     store: Optional[Path] = typer.Option(None, "--store", help="The store's path if it moved since training."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [default: the run's newest]."),
+    instructions: list[Path] = typer.Option(
+        [], "--instructions",
+        help="LLaVA-format instruction JSON/JSONL: held-out answer accuracy and L_reg with the permuted-image control (repeatable).",
+    ),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens generated per answer (--instructions)."),
     residual_at_eval: Optional[str] = typer.Option(
         None, "--residual-at-eval",
         help="Score the same weights with another residual.at_eval: expectation | average | all [default: the run's own].",
@@ -56,7 +62,8 @@ def eval_cmd(
     m = evaluate(
         EvalConfig(run=str(run), max_samples=max_samples, batch_size=batch_size, device=device,
                    store=str(store) if store else "", weights=str(weights) if weights else "",
-                   residual_at_eval=residual_at_eval or "")
+                   residual_at_eval=residual_at_eval or "", instructions=[str(p) for p in instructions],
+                   max_new_tokens=max_new_tokens)
     )
     typer.echo((run / EVAL_MD).read_text())
     typer.echo(f"wrote {run / EVAL_JSON} and {run / EVAL_MD}" + (" (RANDOM WEIGHTS)" if any("RANDOM" in n for n in m["notes"]) else ""))

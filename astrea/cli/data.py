@@ -33,6 +33,15 @@ Examples:\n
 """
 
 
+INSTRUCTIONS_HELP = """Join LLaVA-format instruction files with a dataset of the feature store, as `astrea train
+--instructions` will: count the records joined to a stored image, the text-only ones and those whose image is not
+in the store (listed, with file and record, so they can be extracted or fixed).
+
+Example:\n
+  astrea data instructions llava_v1_5_mix665k.json --store ./store --data coco
+"""
+
+
 def _options(items: list[str]) -> dict[str, object]:
     import yaml
 
@@ -134,6 +143,36 @@ def register(app: typer.Typer) -> None:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         for r in (head, *rows):
             typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+    @data_app.command("instructions", help=INSTRUCTIONS_HELP)
+    @user_errors
+    @_data_errors
+    def instructions(
+        files: list[Path] = typer.Argument(..., help="LLaVA-format instruction JSON / JSONL file(s).", show_default=False),
+        store: Optional[Path] = typer.Option(None, "--store", help="Feature store [default: ASTREA_HOME config 'store']."),
+        data: str = typer.Option(..., "--data", "-d", help="Dataset name inside the store."),
+        experts: Optional[str] = typer.Option(None, "--experts", help="Experts an image needs (comma-separated) [all in the dataset]."),
+        match: str = typer.Option("auto", "--match", help="Image -> key: auto | key | stem (docs/main_stage.md)."),
+        limit: int = typer.Option(50, "--limit", help="Unmatched records listed at most (0: all)."),
+    ) -> None:
+        from astrea.train.instructions import InstructionConfig, join, store_keys
+
+        if store is None:
+            from astrea.config import default_store
+
+            store = Path(default_store())
+        from astrea.shards import Store
+
+        names = [e.strip() for e in experts.split(",")] if experts else sorted(
+            {p.name.split("@", 1)[0] for p in Store(store).expert_dirs(data)})
+        joined = join(InstructionConfig(files=[str(f) for f in files], match=match).build(),
+                      store_keys(str(store), data, names), match)
+        typer.echo(joined.summary() + f" (experts: {', '.join(names)})")
+        shown = joined.unmatched if limit == 0 else joined.unmatched[:limit]
+        for c in shown:
+            typer.echo(f"unmatched\t{c.id}\t{c.image}\t{c.source}")
+        if len(shown) < len(joined.unmatched):
+            typer.echo(f"... and {len(joined.unmatched) - len(shown)} more (--limit 0 lists all)")
 
     @data_app.command("rm")
     @user_errors

@@ -16,6 +16,7 @@ Examples:\n
   astrea train --from-shards ./store --data laion --out runs/pre --stages caption,classification\n
   astrea train --config train.yaml --set optim.lr=2e-4 --set residual.reading=attn\n
   astrea train --from-shards ./store --data laion --out runs/pre --resume\n
+  astrea train --from-shards ./store --data coco --out runs/it --stages main --set init_from=runs/pre --instructions llava_v1_5_mix665k.json\n
   torchrun --nproc-per-node 8 -m astrea.train --config train.yaml     (or --workers 8 [--address ...])
 
 Stages run in the order given (default: caption,classification,detection,segmentation, then main when
@@ -51,6 +52,7 @@ def train(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Main stage: experts mixed per token, 1..4 [3] (Tab. 3; = --set extras.top_k=K)."),
     no_residual: bool = typer.Option(False, "--no-residual", help="No random residual attention (Tab. 4; = --set residual.enabled=false)."),
     no_moco: bool = typer.Option(False, "--no-moco", help="Main stage without MoCo (Tab. 4; = --set extras.no_moco=true)."),
+    instructions: list[Path] = typer.Option([], "--instructions", help="Main stage: LLaVA-format instruction JSON/JSONL joined with the store by image (repeatable; = instructions.files)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, dotted: --set residual.p=0.3 --set stage_experts.caption=clip."),
 ) -> None:
     from astrea.train import run
@@ -78,6 +80,7 @@ def train(
         "extras.top_k": top_k,
         "residual.enabled": False if no_residual else None,
         "extras.no_moco": True if no_moco else None,
+        "instructions.files": [str(p) for p in instructions] or None,
     }
     for item in set_:
         if "=" not in item:
@@ -143,6 +146,11 @@ def format_summary(summary: dict) -> str:
             if cut:
                 what.append("targets cut (content lost): " + ", ".join(f"{k} {v}" for k, v in cut.items()))
             lines.append(f"{s['name']}: {t.get('targets', 0)} targets vs dataset.max_text_tokens, " + "; ".join(what))
+    for s in summary["stages"]:
+        ins = (s.get("extra") or {}).get("instructions")
+        if ins:
+            lines.append(f"{s['name']}: instructions: {ins['records']} records, {ins['matched']} joined to {ins['images']} "
+                         f"store images, {ins['text_only']} text-only, {ins['unmatched']} skipped (image not in the store)")
     store = summary.get("store") or {}
     if store.get("damaged_rows_skipped"):
         lines.append(f"store: {store['damaged_rows_skipped']} damaged row(s) skipped (dataset.skip_damaged): "

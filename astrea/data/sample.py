@@ -19,6 +19,11 @@ with img2dataset's columns, ``NNNNN_stats.json`` with its stats fields. Keys fol
 ``compute_key``: ``shard * 10**4 + row``, zero-padded to 9 digits (``000010003`` = shard 1, row 3).
 ``sample.json`` (ours, written last) records the parameters so :func:`ensure_sample` can reuse the
 directory.
+
+``instructions.json`` (ours, issue 16) is a small instruction set in LLaVA's layout about the generated
+scenes: one three-turn conversation per scene (how many shapes, the colour of one shape, where one shape
+is: "top left" ... "bottom right"), answers taken from what was drawn, plus one text-only record. The
+``image`` fields are ``SHARD/KEY.jpg`` (img2dataset's ``files`` layout), joined to the store by key.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import numpy as np
 from astrea.data.base import DataError
 
 MANIFEST = "sample.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: instructions.json added
+INSTRUCTIONS = "instructions.json"
 SIZE = 256  # img2dataset's default image_size
 # img2dataset defaults: number_sample_per_shard=10000 -> 4 digits per row, oom_shard_count=5.
 OOM_SAMPLE_PER_SHARD = 4
@@ -282,10 +288,13 @@ def make_sample(out: str | Path, images: int = 24, shards: int = 2, seed: int = 
     # Even split, earlier shards one larger when it does not divide (img2dataset fills shards in order).
     per = [cfg.images // cfg.shards + (1 if s < cfg.images % cfg.shards else 0) for s in range(cfg.shards)]
     start = 0
+    conversations: list[dict[str, Any]] = []
     for s, n in enumerate(per):
         rows = []
         for row, it in enumerate(items[start:start + n]):
             key = img2dataset_key(s, row)
+            if it["labels"].get("source") == "generated":
+                conversations.append(scene_conversation(f"{s:0{OOM_SHARD_COUNT}d}/{key}.jpg", key, it["labels"]))
             data = _jpeg(it["img"])
             meta = _meta(key, it["url"], it["caption"], data, it["img"].size, it["original_size"], it["labels"])
             rows.append({"key": key, "meta": meta, "members": {
@@ -294,10 +303,44 @@ def make_sample(out: str | Path, images: int = 24, shards: int = 2, seed: int = 
             rows.extend(_bad_rows(s, n, items[0]["img"]))
         _write_shard(out, s, rows)
         start += n
+    conversations.append({"id": "text-only-0", "conversations": [
+        {"from": "human", "value": "Which shapes can a generated scene hold?"},
+        {"from": "gpt", "value": "circles, squares and triangles"}]})
+    (out / INSTRUCTIONS).write_text(json.dumps(conversations, indent=1) + "\n")
     manifest = {"version": MANIFEST_VERSION, "format": "webdataset", "generator": "astrea.data.sample",
                 **asdict(cfg), "files": sorted(p.name for p in out.iterdir() if p.name != MANIFEST)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+NUMBERS = ("zero", "one", "two", "three", "four")
+
+
+def position(box: list[float]) -> str:
+    """Which quarter of the image a box's centre is in: "top left", ..., "bottom right"."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return f"{'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'}"
+
+
+def scene_conversation(image: str, key: str, labels: dict[str, Any]) -> dict[str, Any]:
+    """A three-turn LLaVA-format conversation about a generated scene, answered from what was drawn.
+
+    The shape asked about is chosen from the key's hash (reproducible; every object position gets asked)."""
+    objs = [{"label": m["label"], "box": m["box"]} for m in labels["masks"]]
+    pick = objs[int(hashlib.sha1(key.encode()).hexdigest(), 16) % len(objs)]
+    colour, shape = pick["label"].split(" ", 1)
+    where = position(pick["box"])
+    same_shape = sum(o["label"].split(" ", 1)[1] == shape for o in objs)
+    which = f"the {shape}" if same_shape == 1 else f"the {shape} at the {where}"
+    turns = [
+        ("<image>\nHow many shapes are there?", NUMBERS[len(objs)]),
+        (f"What colour is {which}?", colour),
+        (f"Where is the {colour} {shape}?", where),
+    ]
+    conv = []
+    for q, a in turns:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"id": f"scene-{key}", "image": image, "conversations": conv}
 
 
 BAD_KINDS = ("truncated JPEG", "zero-byte file")

@@ -32,7 +32,8 @@ PATHS = _command_paths()
 def test_every_documented_command_exists():
     names = {" ".join(p) for p in PATHS}
     for expected in ("extract", "train", "eval", "report", "sweep", "demo", "experts ls", "shards ls",
-                     "shards info", "shards verify", "shards convert", "shards estimate", "data sample", "data add", "data ls"):
+                     "shards info", "shards verify", "shards convert", "shards estimate", "data sample", "data add",
+                     "data ls", "data instructions", "generate"):
         assert expected in names, f"`astrea {expected}` is missing; have {sorted(names)}"
 
 

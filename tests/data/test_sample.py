@@ -23,7 +23,7 @@ def sample_dir(tmp_path_factory):
 def test_img2dataset_layout(sample_dir):
     names = sorted(p.name for p in sample_dir.iterdir())
     assert names == ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar",
-                     "00001_stats.json", "sample.json"]
+                     "00001_stats.json", "instructions.json", "sample.json"]
     with tarfile.open(sample_dir / "00000.tar") as tf:
         members = tf.getnames()
         meta = json.load(tf.extractfile("000000000.json"))
@@ -109,3 +109,22 @@ def test_sample_name_is_written_on_first_use():
     src = open_source("sample")  # not in the (fresh, per-test) catalog: written to $ASTREA_HOME/sample
     assert src.name == "sample" and len(src.shards()) == 2
     assert "sample" in catalog()
+
+
+def test_instruction_set_about_the_generated_scenes(sample_dir):
+    """instructions.json (issue 16): LLaVA layout, one conversation per scene, answers from what was drawn."""
+    from astrea.data.sample import NUMBERS, position
+    from astrea.train.instructions import join, read_instructions
+
+    convs = read_instructions(sample_dir / "instructions.json")
+    scenes = {s.key: s for sh in open_source(str(sample_dir)).shards() for s in sh
+              if s.labels.get("source") == "generated"}
+    joined = join(convs, set(scenes))
+    assert len(joined.by_key) == len(scenes) == 5 and len(joined.text_only) == 1 and not joined.unmatched
+    for key, (conv,) in joined.by_key.items():
+        objs = scenes[key].labels["masks"]
+        (q1, a1), (q2, a2), (q3, a3) = [(conv.turns[i][1], conv.turns[i + 1][1]) for i in range(0, 6, 2)]
+        assert q1 == "How many shapes are there?" and a1 == NUMBERS[len(objs)]
+        colour, shape = q3.removeprefix("Where is the ").removesuffix("?").split(" ", 1)
+        assert a2 == colour and shape in q2
+        (obj,) = [o for o in objs if o["label"] == f"{colour} {shape}" and position(o["box"]) == a3]
