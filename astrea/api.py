@@ -80,9 +80,9 @@ def load_run(run: str | Path, **kwargs: Any) -> Any:
 def generate(run: str | Path, prompt: str, *, key: str = "", image: str | Path = "", on_text: Any = None,
              **kwargs: Any) -> dict[str, Any]:
     """One answer about one image (a store ``key`` or an ``image`` file, experts run online); ``kwargs`` are
-    :class:`astrea.train.generate.GenerateConfig` fields (max_new_tokens, temperature, top_p, seed, data, ...).
+    :class:`astrea.generate.GenerateConfig` fields (max_new_tokens, temperature, top_p, seed, data, ...).
     ``on_text(piece)`` receives the answer as it is generated. Returns ``{"answer", "source", ...}``."""
-    from astrea.train.generate import GenerateConfig, run_generate
+    from astrea.generate import GenerateConfig, run_generate
 
     return run_generate(GenerateConfig(run=str(run), prompt=prompt, key=key, image=str(image) if image else "",
                                        **kwargs), on_text=on_text)

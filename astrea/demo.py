@@ -162,7 +162,7 @@ def run(cfg: DemoConfig) -> Path:
 def _generate_one(run_dir: Path, data_dir: Path, heldout_fraction: float) -> dict[str, Any]:
     """`astrea generate` on the first held-out scene of the instruction set: its first question."""
     from astrea.train.data import is_heldout
-    from astrea.train.generate import GenerateConfig, run_generate
+    from astrea.generate import GenerateConfig, run_generate
     from astrea.train.instructions import read_instructions
 
     convs = [c for c in read_instructions(data_dir / "instructions.json") if c.image]

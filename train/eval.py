@@ -41,7 +41,8 @@ import torch
 
 from astrea.train.errors import TrainError
 
-IGNORE = -100  # astrea.train.model.IGNORE: label of the tokens that carry no loss
+from astrea.train.labels import IGNORE
+from astrea.train.loaded_run import LoadedRun, load_run  # noqa: F401 - load_run: part of this module's API
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -78,94 +79,6 @@ class EvalConfig:
             raise TrainError(f"eval max_samples={self.max_samples} must be >= 1")
         if self.batch_size < 1:
             raise TrainError(f"eval batch_size={self.batch_size} must be >= 1")
-
-
-@dataclass
-class LoadedRun:
-    """A run rebuilt for evaluation: config, model with its trained weights, stages, run.json."""
-
-    cfg: Any
-    model: Any
-    stages: list[Any]
-    info: dict[str, Any]
-    weights: str
-    device: torch.device
-
-
-def load_run(
-    run: str | Path, *, device: str = "auto", store: str = "", weights: str = "", residual_at_eval: str = ""
-) -> LoadedRun:
-    from safetensors.torch import load_file
-
-    from astrea.train.config import TrainConfig
-    from astrea.train.llm import TINY, build_llm
-    from astrea.train.model import AstreaModel
-    from astrea.train.runner import _device
-    from astrea.train.stages import build_stages
-    from astrea.train.store_check import resolve_experts
-
-    run_dir = Path(run)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise TrainError(f"{run_dir} is not a training run (no config.yaml); give the --out directory of `astrea train`")
-    cfg = TrainConfig.load(cfg_path)
-    from astrea.train.config import read_config_file
-
-    if "target_format" not in (read_config_file(cfg_path).get("dataset") or {}):
-        # a run from before issue 13 trained on the decimal text, cut at the limit: score it on that
-        cfg.dataset.target_format, cfg.dataset.fit_targets = "decimal", False
-    if "at_eval" not in (read_config_file(cfg_path).get("residual") or {}):
-        # a run from before issue 13.4 was scored with w = p: score it the same way (--residual-at-eval to change)
-        cfg.residual.at_eval = "expectation"
-    if store:
-        cfg.store = store
-    if residual_at_eval:
-        cfg.residual.at_eval = residual_at_eval
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    stages = build_stages(cfg)
-    needed: dict[str, str] = {}
-    for s in stages:
-        for e in s.required_experts():
-            needed.setdefault(e, f"stage {s.name}")
-    # the features the run trained on, exactly: same fingerprints as recorded in run.json
-    expected = {**info.get("experts", {}), **cfg.expected_fingerprints}
-    specs = resolve_experts(cfg.store, cfg.data, list(needed), {e: expected[e] for e in needed if e in expected}, needed_by=needed)
-    for s in stages:
-        s.ctx.specs = dict(specs)
-    llm_dir = run_dir / "llm"
-    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None)
-    model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
-    for s in stages:
-        s.build(model)
-    wpath = _weights_file(run_dir, cfg.stages, weights)
-    sd = {k: v for k, v in load_file(str(wpath)).items() if not k.startswith("stage.")}
-    try:
-        model.load_astrea_state_dict(sd, strict=True)
-    except (KeyError, ValueError) as e:
-        raise TrainError(f"{wpath} does not fit the model the run's config.yaml builds: {e.args[0] if e.args else e}") from None
-    dev = _device(device)
-    model.to(dev)
-    model.eval()
-    return LoadedRun(cfg, model, stages, info, str(wpath), dev)
-
-
-def _weights_file(run_dir: Path, stages: list[str], weights: str) -> Path:
-    if weights:
-        p = Path(weights)
-        p = p / "model.safetensors" if p.is_dir() else p
-        if not p.is_file():
-            raise TrainError(f"--weights {weights}: no such weights file (or directory with model.safetensors)")
-        return p
-    for name in reversed(stages):  # the last finished stage holds every part trained so far
-        p = run_dir / "stages" / name / "model.safetensors"
-        if p.is_file():
-            return p
-    from astrea.train.checkpoint import CheckpointDir
-
-    latest = CheckpointDir(run_dir).latest()
-    if latest is not None and (latest / "model.safetensors").is_file():
-        return latest / "model.safetensors"
-    raise TrainError(f"{run_dir} has no trained weights yet (no stages/*/model.safetensors, no checkpoint)")
 
 
 # -- metrics ----------------------------------------------------------------------------------------

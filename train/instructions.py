@@ -406,7 +406,7 @@ def encode_dialogue(d: Dialogue, tokenizer: Any, max_len: int) -> tuple[list[int
 
     Whole turns that do not fit are dropped from the end (returned: how many answer segments were dropped);
     only when the first answer itself does not fit is the sequence cut (returned: cut=True)."""
-    from astrea.train.model import IGNORE
+    from astrea.train.labels import IGNORE
 
     d = d.rendered(tokenizer)
     ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -21,7 +21,7 @@ from astrea.train.llm import LoadedLLM
 from astrea.train.projector import ProjectorSpec
 from astrea.train.residual import RandomResidualAttention
 
-IGNORE = -100
+from astrea.train.labels import IGNORE  # noqa: F401 - re-exported: the model's label convention
 
 
 class AstreaModel(nn.Module):

@@ -1,4 +1,4 @@
-"""CLI for 'generate' (thin: parse, then call astrea.train.generate.run_generate)."""
+"""CLI for 'generate' (thin: parse, then call astrea.generate.run_generate)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [the run's newest]."),
 ) -> None:
-    from astrea.train.generate import GenerateConfig, run_generate
+    from astrea.generate import GenerateConfig, run_generate
 
     cfg = GenerateConfig(run=str(run), prompt=prompt, key=key or "", image=str(image) if image else "",
                          data=data or "", store=str(store) if store else "", device=device,

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import astrea.api as api
 from astrea.cli import app
 from astrea.shards import JoinedDataset, Store
-from astrea.train.online import online_features
+from astrea.extract.online import online_features
 
 EXPERTS = ["siglip", "ram_plus"]
 

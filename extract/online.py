@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from astrea.train.errors import TrainError
+from astrea.errors import AstreaError
+
+
+class OnlineError(AstreaError, ValueError):
+    """An image file or a run's expert that cannot be computed online as extraction would have."""
 
 
 def _option_fields(name: str) -> set[str]:
@@ -64,7 +68,7 @@ def rebuild_expert(spec: Any, device: str = "cpu") -> Any:
             return expert
         a, b = expert.spec.hashed_fields(), spec.hashed_fields()
         last = "fields differ: " + ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
-    raise TrainError(
+    raise OnlineError(
         f"expert {spec.expert}@{spec.fingerprint()}: rebuilt from its stored spec it is not the same expert "
         f"({last}); its weights must be available as when it was extracted ({spec.weights})"
     )
@@ -78,7 +82,7 @@ def _order(specs: dict[str, Any]) -> list[str]:
         if n in done:
             return
         if n in path:
-            raise TrainError(f"expert prerequisites form a cycle: {' -> '.join((*path, n))}")
+            raise OnlineError(f"expert prerequisites form a cycle: {' -> '.join((*path, n))}")
         for p in specs[n].prerequisites:
             if p in specs:
                 visit(p, (*path, n))
@@ -118,7 +122,7 @@ def _online(store: str, dataset: str, experts: list[str], image: str | Path, fin
 
     path = Path(image).expanduser()
     if not path.is_file():
-        raise TrainError(f"--image {image}: no such file")
+        raise OnlineError(f"--image {image}: no such file")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     st = Store(store)
     specs: dict[str, Any] = {}
