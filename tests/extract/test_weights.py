@@ -165,9 +165,10 @@ def test_file_hash_is_outside_the_fingerprint_and_old_specs_read():
     """Fingerprints written before the field existed stay the same (values computed at the commit
     before it), and an expert.json without the field still reads."""
     rand = ExpertSpec(expert="siglip", arch="siglip.tiny", weights="random", weights_sha256="ab" * 32,
-                      preprocessing={"size": [112, 112]}, grid=4, token_dim=64, pooled_dim=64, seed=3, config={"x": 1})
+                      preprocessing={"size": [112, 112]}, grid=4, token_dim=64, pooled_dim=64, seed=3, config={"x": 1},
+                      codec="zstd")  # zarr's codec before it became a field
     real = ExpertSpec(expert="sam2", arch="sam2.hiera_tiny", weights="/w/sam2.pt", weights_sha256="cd" * 32,
-                      preprocessing={}, grid=8, token_dim=256, pooled_dim=256)
+                      preprocessing={}, grid=8, token_dim=256, pooled_dim=256, codec="zstd")
     assert (rand.fingerprint(), real.fingerprint()) == ("3640e4b27fe7", "94bc1f8b6a05")
     import dataclasses
 
