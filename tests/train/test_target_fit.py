@@ -167,6 +167,7 @@ def test_trainer_warns_with_counts_per_task_at_stage_start(toy_store, tmp_path, 
         "store": str(toy_store), "data": "toy", "out": str(out), "stages": "caption,classification",
         "steps": 1, "batch_size": 6, "dataset.heldout_fraction": 0.2, "save_every": 0, "progress": False,
         "dataset.max_text_tokens": 76, "dataset.prefetch": 0,
+        "llm.tokenizer": "bytes",  # the token counts above are bytes
     })
     with caplog.at_level(logging.WARNING):
         summary = run_local(cfg)
