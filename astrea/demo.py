@@ -188,6 +188,12 @@ def _generate_section(answer: dict[str, Any] | None, metrics: dict[str, Any], ru
     if ins.get("answers"):
         acc = (f" Over all {ins['answers']} held-out answers: exact-match accuracy {_fmt(ins['accuracy'])} with the "
                f"true images, {_fmt(ins['accuracy_permuted'])} with permuted images (the control).")
+        a, p = ins.get("accuracy"), ins.get("accuracy_permuted")
+        if isinstance(a, int | float) and isinstance(p, int | float):
+            acc += (" The answers use the image on this run." if a > p else
+                    " **On this run the answers do not use the image** (true images score no better than the "
+                    "control): the demo's main stage is 100 steps of 4 on ~120 images. With enough steps the same "
+                    "code learns to (tests/train/test_instruction_world.py: 0.93 vs 0.12 on a generated world).")
     return f"""## Instruction tuning and `astrea generate`
 
 The main stage was instruction-tuned on the sample's generated instruction set (`instructions.json`: how many
