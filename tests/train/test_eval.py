@@ -23,7 +23,7 @@ TINY_TRAIN = {
     "progress": False,
     "save_every": 0,
     "dataset": {"heldout_fraction": 0.3, "heldout_max": 8, "prefetch": 0},
-    "extras": {"moco": {"queue_size": 8, "embed_dim": 8, "text_encoder": "embeddings"}},
+    "moco": {"queue_size": 8, "embed_dim": 8, "text_encoder": "embeddings"},
 }
 
 
