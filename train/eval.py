@@ -370,7 +370,8 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             "per_task": {t: st.summary() for t, st in per_task.items()},
         }
         if moco is None:
-            out["notes"].append("trained with moco.enabled: false (--no-moco): no MoCo embeddings, no retrieval metrics")
+            out["notes"].append("trained with moco.enabled: false (--no-moco): no MoCo embeddings, "
+                                "no retrieval metrics")
         elif q_v and sum(len(x) for x in q_v) >= 2:
             out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
         else:

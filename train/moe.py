@@ -8,8 +8,7 @@ to -inf, and a softmax turns them into routing probabilities P_i; the fused toke
 Why the router reads the instruction: the paper's Fig. 2 shows routing mass that differs *per task*
 ("the caption task corresponds to ViT"). A router that sees only the visual tokens gives the same mixture
 for the same image whatever is asked, so it could not show that picture. With a context vector ``c`` (the
-main stage passes the instruction as the LLM sees it, see ``router_context`` in
-``astrea.train.main_stage``) the logits are ``W [f_1..f_n] + U norm(c)``: still one linear layer, over the
+main stage passes the instruction as the LLM sees it, see :attr:`MoEConfig.router_context`) the logits are ``W [f_1..f_n] + U norm(c)``: still one linear layer, over the
 tokens and the instruction together. ``norm`` is a LayerNorm without parameters: LLM hidden states have
 scales that differ by model and layer by orders of magnitude, and the router's init and learning rate
 should not depend on that. ``router_context="none"`` is the purely visual router; ``router="uniform"``
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,10 @@ from torch import nn
 
 from astrea.registry import check_choice
 
-__all__ = ["MoEConfig", "ROUTERS", "ROUTER_CONTEXTS", "MoEFusion", "MoEOutput", "Adapter", "RoutingStats", "routing_stats", "top_k_mask"]
+__all__ = [
+    "MoEConfig", "ROUTERS", "ROUTER_CONTEXTS", "MoEFusion", "MoEOutput", "Adapter", "RoutingStats", "routing_stats",
+    "top_k_mask",
+]
 
 
 @dataclass
