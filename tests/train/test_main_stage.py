@@ -237,6 +237,10 @@ def test_train_cli_has_the_ablation_flags():
     assert r.exit_code == 0
     for flag in ("--top-k", "--no-residual", "--no-moco", "--stages"):
         assert flag in r.output
+    from astrea.train.config import SHORTHANDS
+
+    for key, _ in SHORTHANDS.values():  # each flag's help names the field it sets (the shared table)
+        assert key in r.output, key
 
 
 def test_moco_text_features_while_another_thread_tokenises():
