@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROUTERS = {  # variant -> extras.moe overrides
+ROUTERS = {  # variant -> moe overrides
     "instruction (default)": {},
     "mean prompt embedding": {"router_context": "embedding"},
     "no task signal": {"router_context": "none"},
@@ -57,7 +57,7 @@ def routing(seeds: list[int], steps: int, tmp: Path) -> list[dict[str, Any]]:
             t = time.perf_counter()
             m = _train_eval(world.store, world.dataset, tmp / f"r{seed}-{len(rows)}", {
                 "stages": ["main"], "steps": steps, "seed": seed, "residual.enabled": False,
-                "extras": {"no_moco": True, "train_projectors": True, "moe": moe},
+                "moco.enabled": False, "main.train_projectors": True, "moe": moe,
             })
             ro = m["routing"]
             mass = {t_: ro["per_task"][t_]["mass"][ro["experts"].index(e)] for t_, e in TASK_EXPERT.items()}

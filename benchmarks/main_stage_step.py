@@ -69,7 +69,7 @@ def main() -> None:
         "store": "-", "data": "-", "out": "-",
         "llm": {"hidden_size": args.hidden, "layers": args.layers, "heads": max(args.hidden // 128, 1),
                 "intermediate_size": args.hidden * 11 // 4},
-        "extras": {"moco": {"queue_size": 4096}},
+        "moco": {"queue_size": 4096},
     })
     torch.manual_seed(0)
     llm = build_llm(cfg.llm)

@@ -12,6 +12,7 @@ import dataclasses
 import tomllib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ import yaml
 
 from astrea.train.errors import TrainError
 from astrea.train.instructions import InstructionConfig
+from astrea.train.moco import MoCoConfig
+from astrea.train.moe import MoEConfig
+from astrea.train.templates import TASKS
 
 PRE_ALIGNMENT_STAGES = ("caption", "classification", "detection", "segmentation")
 
@@ -123,6 +127,45 @@ class DataConfig:
 
 
 @dataclass
+class MainConfig:
+    """What the main stage teaches and trains besides the MoE (``moe``) and MoCo (``moco``) sections."""
+
+    # one task per sample, drawn from these (Fig. 2 measures routing per task type)
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    train_projectors: bool = False  # true unfreezes the pre-alignment projectors and residual attentions
+
+    def validate(self) -> None:
+        from astrea.registry import check_choice
+
+        if not self.tasks:
+            raise ValueError("main.tasks is empty; name at least one of " + ", ".join(TASKS))
+        for t in self.tasks:
+            check_choice("main.tasks", t, TASKS)
+
+
+# The ablation shorthands, one table for the `astrea train` flags and the sweep's variant fields:
+# shorthand -> (dotted TrainConfig field, whether the shorthand's boolean is the field's negation).
+SHORTHANDS: dict[str, tuple[str, bool]] = {
+    "top_k": ("moe.top_k", False),  # --top-k K (Tab. 3)
+    "no_moco": ("moco.enabled", True),  # --no-moco (Tab. 4)
+    "no_residual": ("residual.enabled", True),  # --no-residual (Tab. 4)
+}
+
+
+def shorthand_overrides(values: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
+    """Dotted overrides for the given shorthands (None: not given), e.g. ``{"top_k": 1}`` -> ``{"moe.top_k": 1}``."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in SHORTHANDS:
+            raise TrainError(f"{where}: unknown shorthand {name!r}; valid: {sorted(SHORTHANDS)}")
+        key, negate = SHORTHANDS[name]
+        out[key] = (not _coerce(bool, value, name, where)) if negate else value
+    return out
+
+
+@dataclass
 class TrainConfig:
     store: str = ""
     data: str = ""
@@ -155,7 +198,10 @@ class TrainConfig:
     init_from: str = ""  # RUN dir or checkpoint dir whose Astrea weights initialise this run
     workers: int = 1  # >1: Ray Train workers
     address: str = ""  # Ray cluster address ("auto", "ray://host:10001"); empty: local
-    extras: dict[str, Any] = field(default_factory=dict)  # free-form options of plug-in stages (main)
+    # the main stage (paper Sec. 3.2): MoE fusion (Eq. 9-10), MoCo (Eq. 5-8, 11), tasks; docs/main_stage.md
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    main: MainConfig = field(default_factory=MainConfig)
 
     def steps_for(self, stage: str) -> int:
         return int(self.stage_steps.get(stage, self.steps))
@@ -171,6 +217,7 @@ class TrainConfig:
             check_choice("dataset.target_format", self.dataset.target_format, ("compact", "decimal"))
         except ValueError as e:
             raise TrainError(str(e)) from None
+        self.validate_main()
         checks = [
             ("store", bool(self.store), "give the feature store (--from-shards STORE)"),
             ("data", bool(self.data), "give the dataset name in the store (--data NAME)"),
@@ -211,6 +258,15 @@ class TrainConfig:
             raise TrainError(f"config field out={self.out!r} is inside the feature store {self.store}; "
                              "put the run directory elsewhere (--out RUN outside --from-shards)")
 
+    def validate_main(self, experts: list[str] | None = None) -> None:
+        """The main stage's sections (``moe``, ``moco``, ``main``); ``experts`` bounds ``moe.top_k``."""
+        try:
+            self.moe.validate(experts)
+            self.moco.validate()
+            self.main.validate()
+        except ValueError as e:
+            raise TrainError(f"config field {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(self.optim.betas)
@@ -221,7 +277,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        return _build(cls, d, prefix="", source=source)
+        return _build(cls, _legacy_extras(d, source), prefix="", source=source)
 
     @classmethod
     def load(
@@ -260,6 +316,50 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TrainError(f"config file {p}: expected a mapping at the top level")
     return data
+
+
+# `extras` (before the main stage had typed sections): legacy key -> typed field. Runs' config.yaml files,
+# user configs and sweep files that still say `extras: {top_k: 1, moe: {...}}` load through this.
+_LEGACY_EXTRAS = {"top_k": "moe.top_k", "mu": "moco.mu", "tasks": "main.tasks",
+                  "train_projectors": "main.train_projectors"}
+_LEGACY_SECTIONS = ("moe", "moco")
+
+
+def _legacy_extras(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """``d`` with a legacy ``extras`` mapping moved onto the typed fields (one FutureWarning saying so)."""
+    if not isinstance(d, dict) or "extras" not in d:
+        return d
+    d = dict(d)
+    extras = d.pop("extras")
+    if extras in (None, {}):  # every config.yaml written before had `extras: {}`
+        return d
+    if not isinstance(extras, dict):
+        raise TrainError(f"{source}: config field extras must be a mapping, got {extras!r}")
+    moved: dict[str, Any] = {}
+    for k, v in extras.items():
+        if k in _LEGACY_SECTIONS:
+            if not isinstance(v, dict):
+                raise TrainError(f"{source}: config field extras.{k} must be a mapping, got {v!r}")
+            moved.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+        elif k == "no_moco":
+            moved.update(shorthand_overrides({k: v}, where=f"{source}: config field extras"))
+        elif k in _LEGACY_EXTRAS:
+            moved[_LEGACY_EXTRAS[k]] = v
+        else:
+            valid = sorted(["extras." + n for n in (*_LEGACY_EXTRAS, *_LEGACY_SECTIONS, "no_moco")])
+            raise TrainError(f"{source}: unknown config field(s) ['extras.{k}']; valid fields here: {valid}")
+    for key, value in moved.items():
+        section, name = key.split(".", 1)
+        have = d.get(section)
+        if have is not None and not isinstance(have, dict):
+            raise TrainError(f"{source}: config field {section} must be a mapping, got {have!r}")
+        if have and name in have and have[name] != value:
+            raise TrainError(f"{source}: config gives both {key}={have[name]!r} and the legacy extras form of it "
+                             f"({value!r}); keep {key} only")
+        d[section] = {**(have or {}), name: value}
+    warnings.warn(f"{source}: config field `extras` is deprecated; read as {moved} (write these dotted fields "
+                  "instead; docs/main_stage.md)", FutureWarning, stacklevel=3)
+    return d
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

@@ -323,11 +323,11 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         out["notes"].append("the run has no main stage: no routing or retrieval metrics")
     else:
         names = list(main.experts)
-        per_task = {t: RoutingStats(len(names), main.mc.top_k) for t in main.mc.tasks}
+        per_task = {t: RoutingStats(len(names), main.moe_cfg.top_k) for t in main.main_cfg.tasks}
         total, total_perm = _LossSum(), _LossSum()
         q_v, q_t, caps = [], [], []
         moco = model.extras["moco"] if "moco" in model.extras else None
-        for task in main.mc.tasks:
+        for task in main.main_cfg.tasks:
             bs = list(scored(main, main.render_task(task), f"main/{task}"))
             acc = _LossSum()
             for b in bs:
@@ -357,7 +357,7 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             out["heldout_permuted"]["samples"][f"main/{task}"] = acc.samples
         out["heldout_permuted"]["main_mean"] = total_perm.value()
         out["heldout"]["main_mean"] = total.value()
-        overall = RoutingStats(len(names), main.mc.top_k)
+        overall = RoutingStats(len(names), main.moe_cfg.top_k)
         for st in per_task.values():
             overall.tokens += st.tokens
             overall.mass += st.mass
@@ -365,12 +365,13 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             overall.entropy += st.entropy
         out["routing"] = {
             "experts": names,
-            "top_k": main.mc.top_k,
+            "top_k": main.moe_cfg.top_k,
             "overall": overall.summary(),
             "per_task": {t: st.summary() for t, st in per_task.items()},
         }
         if moco is None:
-            out["notes"].append("trained with extras.no_moco: no MoCo embeddings, no retrieval metrics")
+            out["notes"].append("trained with moco.enabled: false (--no-moco): no MoCo embeddings, "
+                                "no retrieval metrics")
         elif q_v and sum(len(x) for x in q_v) >= 2:
             out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
         else:

@@ -20,100 +20,28 @@ trains on LLaVA-format conversations joined with the store by image key (astrea.
 one sample per conversation, loss on every assistant turn, the LLM's chat template where it has one;
 ``instructions.with_targets`` keeps the per-task targets above as one more source.
 
-Options live in the train config under ``extras`` (see :class:`MainStageConfig`), e.g.
-``--set extras.top_k=1 --set extras.no_moco=true --set extras.mu=0.5``.
+Options are typed sections of the train config: ``moe`` (:class:`MoEConfig`), ``moco`` (:class:`MoCoConfig`)
+and ``main`` (:class:`MainConfig`), e.g. ``--set moe.top_k=1 --set moco.enabled=false --set moco.mu=0.5``.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig, _build
+from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import IGNORE, AstreaModel
-from astrea.train.moco import MoCo, MoCoConfig, sample_ids
-from astrea.train.moe import ROUTERS, MoEConfig, MoEFusion, MoEOutput
+from astrea.train.moco import MoCo, sample_ids
+from astrea.train.moe import MoEFusion, MoEOutput
 from astrea.train.stages import STAGES, AlignStage, Stage, StageContext, llm_trainable_modules
 from astrea.train.templates import STAGE_TASK, TASKS, Rendered, render
 
-ROUTER_CONTEXTS = ("instruction", "embedding", "none")
-
-__all__ = ["MainStage", "MainStageConfig", "MoEOptions", "MoCoOptions", "main_config"]
-
-
-@dataclass
-class MoEOptions:
-    adapter_hidden: int | None = None  # None -> the LLM hidden size
-    adapter_init: str = "identity"  # identity | random
-    # What the router knows of the task (Fig. 2): "instruction" = the LLM's last-layer hidden state at the
-    # instruction's last token (a text-only forward of the prompt, no gradient); "embedding" = the mean
-    # input embedding of the prompt tokens (weak: prompts that differ in one word barely differ);
-    # "none" = the purely visual router of Eq. 9 read literally.
-    router_context: str = "instruction"
-    router: str = "learned"  # learned | uniform (control: equal weights, no routing)
-    balance_weight: float = 0.01  # load-balancing aux loss (Switch's 0.01); keeps top-k experts alive
-
-
-@dataclass
-class MoCoOptions:
-    embed_dim: int = 256
-    head_hidden: int | None = None
-    queue_size: int = 4096
-    momentum: float = 0.995
-    tau: float = 0.07
-    lam: float = 0.5
-    # text side of MoCo: "llm" = mean of the LLM's last hidden states over the caption (frozen LLM: no
-    # grad, one extra text-only forward); "embeddings" = mean input embedding (bag of tokens, cheapest)
-    text_encoder: str = "llm"
-    max_caption_tokens: int = 64
-
-
-@dataclass
-class MainStageConfig:
-    """``cfg.extras``: options of the main stage (each ablation is one field)."""
-
-    top_k: int = 3  # Tab. 3
-    no_moco: bool = False  # Tab. 4 (residual on/off is residual.enabled, shared with pre-alignment)
-    mu: float = 0.1  # Eq. 11 weight of L_moco (the paper gives no value)
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    train_projectors: bool = False
-    moe: MoEOptions = field(default_factory=MoEOptions)
-    moco: MoCoOptions = field(default_factory=MoCoOptions)
-
-    def validate(self) -> None:
-        from astrea.registry import check_choice
-
-        try:
-            check_choice("extras.moe.adapter_init", self.moe.adapter_init, ("identity", "random"))
-            # configs written before router_context took words said true / false
-            legacy = {"true": "embedding", "false": "none"}
-            self.moe.router_context = legacy.get(str(self.moe.router_context).lower(), self.moe.router_context)
-            check_choice("extras.moe.router_context", self.moe.router_context, ROUTER_CONTEXTS)
-            check_choice("extras.moe.router", self.moe.router, ROUTERS)
-            check_choice("extras.moco.text_encoder", self.moco.text_encoder, ("llm", "embeddings"))
-            for t in self.tasks:
-                check_choice("extras.tasks", t, TASKS)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-        if not self.tasks:
-            raise TrainError("config field extras.tasks is empty; name at least one of " + ", ".join(TASKS))
-        if self.mu < 0:
-            raise TrainError(f"config field extras.mu={self.mu} must be >= 0")
-        if self.moco.max_caption_tokens < 1:
-            raise TrainError(f"config field extras.moco.max_caption_tokens={self.moco.max_caption_tokens} must be >= 1")
-
-
-def main_config(cfg: TrainConfig) -> MainStageConfig:
-    """Parse and check ``cfg.extras`` (unknown keys are refused with their dotted name)."""
-    mc = _build(MainStageConfig, dict(cfg.extras), prefix="extras.", source="config")
-    mc.validate()
-    return mc
+__all__ = ["MainStage", "pre_alignment_plan"]
 
 
 def pre_alignment_plan(cfg: TrainConfig, before: list[str]) -> list[tuple[str, list[str]]]:
@@ -138,14 +66,11 @@ def pre_alignment_plan(cfg: TrainConfig, before: list[str]) -> list[tuple[str, l
 class MainStage(Stage):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.mc = main_config(ctx.cfg)
-        self.plan = pre_alignment_plan(ctx.cfg, ctx.order[: ctx.index])
+        cfg = ctx.cfg
+        self.moe_cfg, self.moco_cfg, self.main_cfg = cfg.moe, cfg.moco, cfg.main
+        self.plan = pre_alignment_plan(cfg, ctx.order[: ctx.index])
         self.experts = [e for e, _ in self.plan]
-        if not 1 <= self.mc.top_k <= len(self.experts):
-            raise TrainError(
-                f"config field extras.top_k={self.mc.top_k} must be between 1 and the number of experts "
-                f"({len(self.experts)}: {', '.join(self.experts)})"
-            )
+        cfg.validate_main(self.experts)  # before any step runs; top_k is bounded by the experts mixed
         self._last: MoEOutput | None = None
         self.joined = None  # instruction records joined with the store (astrea.train.instructions.Joined)
 
@@ -182,50 +107,29 @@ class MainStage(Stage):
 
     # -- what it reads ------------------------------------------------------------------------------
     def tasks(self) -> list[str]:
-        return list(self.mc.tasks)
+        return list(self.main_cfg.tasks)
 
     def required_experts(self) -> list[str]:
         need = list(self.experts)
-        need += [self.ctx.cfg.target_sources[t] for t in self.mc.tasks if t != "caption"]
+        need += [self.ctx.cfg.target_sources[t] for t in self.main_cfg.tasks if t != "caption"]
         return list(dict.fromkeys(need))
 
     # -- model --------------------------------------------------------------------------------------
     def build(self, model: AstreaModel) -> None:
-        mo = self.mc.moe
-        moe_cfg = MoEConfig(
-            dim=model.hidden_size,
-            n_experts=len(self.experts),
-            top_k=self.mc.top_k,
-            adapter_hidden=mo.adapter_hidden,
-            adapter_init=mo.adapter_init,
-            router_context=mo.router_context != "none",
-            router=mo.router,
-            balance_weight=mo.balance_weight,
-            expert_names=tuple(self.experts),
-        )
+        h = model.hidden_size
         try:
-            model.extras["moe"] = moe_cfg.build()
-            if not self.mc.no_moco:
-                c = self.mc.moco
-                model.extras["moco"] = MoCoConfig(
-                    visual_dim=model.hidden_size,
-                    text_dim=model.hidden_size,
-                    embed_dim=c.embed_dim,
-                    head_hidden=c.head_hidden,
-                    queue_size=c.queue_size,
-                    momentum=c.momentum,
-                    tau=c.tau,
-                    lam=c.lam,
-                ).build()
-        except ValueError as e:  # the sub-configs name their field ("moco.tau"); point at extras.
-            raise TrainError(f"config field extras.{e}") from None
+            model.extras["moe"] = self.moe_cfg.build(dim=h, n_experts=len(self.experts), expert_names=self.experts)
+            if self.moco_cfg.enabled:
+                model.extras["moco"] = self.moco_cfg.build(visual_dim=h, text_dim=h)
+        except ValueError as e:  # the configs name their field ("moco.tau")
+            raise TrainError(f"config field {e}") from None
 
     def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:
         mods: list[nn.Module] = [model.extras["moe"]]
         if "moco" in model.extras:
             moco: MoCo = model.extras["moco"]  # type: ignore[assignment]
             mods += [moco.online_v, moco.online_t]  # never the momentum heads (Eq. 8 only)
-        if self.mc.train_projectors:
+        if self.main_cfg.train_projectors:
             mods += [model.projectors[e] for e in self.experts]
             if self.ctx.cfg.residual.enabled:
                 mods += [model.residuals[e] for e, ctx in self.plan if ctx]
@@ -233,7 +137,7 @@ class MainStage(Stage):
 
     def aligned_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Each expert's aligned grid [B, P, H], as pre-alignment produced it."""
-        grad = self.mc.train_projectors and torch.is_grad_enabled()
+        grad = self.main_cfg.train_projectors and torch.is_grad_enabled()
         out = []
         with torch.set_grad_enabled(grad):
             projected = {e: model.project(e, batch["tokens"][e]) for e in self.experts}
@@ -243,7 +147,7 @@ class MainStage(Stage):
         return out
 
     def instruction_context(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
-        """What the router knows of the task, [B, H] (see ``MoEOptions.router_context``).
+        """What the router knows of the task, [B, H] (see ``MoEConfig.router_context``).
 
         "instruction": the prompt alone through the LLM, the last layer's hidden state at the prompt's
         last token. A causal LM's state there summarises the whole instruction; "caption" and
@@ -256,7 +160,7 @@ class MainStage(Stage):
         # also without loss, are not part of it)
         prompt = mask.bool() & ((labels != IGNORE).long().cumsum(1) == 0)
         with torch.no_grad():
-            if self.mc.moe.router_context == "embedding":
+            if self.moe_cfg.router_context == "embedding":
                 emb = model.llm.get_input_embeddings()(ids).float()
                 p = prompt.float()
                 return (emb * p[..., None]).sum(1) / p.sum(1, keepdim=True).clamp(min=1)
@@ -275,7 +179,7 @@ class MainStage(Stage):
         grids = self.aligned_tokens(model, batch)
         moe: MoEFusion = model.extras["moe"]  # type: ignore[assignment]
         context = None
-        if moe.cfg.router_context and moe.cfg.router == "learned":
+        if moe.cfg.router_context != "none" and moe.cfg.router == "learned":
             context = self.instruction_context(model, batch).to(grids[0].dtype)
         return moe(grids, context=context)
 
@@ -294,7 +198,7 @@ class MainStage(Stage):
         if self._last is not None and model.extras["moe"].cfg.balance_weight > 0:  # type: ignore[union-attr]
             losses["balance"] = self._last.aux_loss
         if "moco" in model.extras:
-            losses["moco"] = self.mc.mu * self.moco_loss(model, batch, visual)
+            losses["moco"] = self.moco_cfg.mu * self.moco_loss(model, batch, visual)
         self._last = None  # do not keep this micro-batch's graph alive into the next one
         return losses
 
@@ -304,7 +208,7 @@ class MainStage(Stage):
 
     def text_features(self, model: AstreaModel, captions: list[str], device: torch.device) -> torch.Tensor:
         """Pooled text embedding [B, H] of captions (MoCo's text side input)."""
-        c = self.mc.moco
+        c = self.moco_cfg
         # Plain calls, truncated and padded here: a fast tokenizer keeps padding/truncation as state on its
         # shared backend, and the prefetch thread tokenises batches at the same time (plain calls). A
         # padding=True call here could race with one of those and come back unpadded (seen in the demo).
@@ -332,7 +236,7 @@ class MainStage(Stage):
             # every DDP rank produces the same gradients tensors and joins the same key gather.
             moco.enqueue(pooled.new_zeros(0, moco.cfg.embed_dim), pooled.new_zeros(0, moco.cfg.embed_dim))
             zero = moco.online_v(pooled).sum() * 0.0
-            return zero + moco.online_t(pooled.new_zeros(1, moco.cfg.text_dim)).sum() * 0.0
+            return zero + moco.online_t(pooled.new_zeros(1, moco.text_dim)).sum() * 0.0
         idx = torch.tensor(rows, device=visual.device)
         text = self.text_features(model, [batch["captions"][i] for i in rows], visual.device)
         ids = sample_ids([batch["keys"][i] for i in rows])
@@ -345,7 +249,7 @@ class MainStage(Stage):
     # -- text ---------------------------------------------------------------------------------------
     def task_for(self, key: str) -> str:
         h = hashlib.blake2b(f"{self.ctx.cfg.seed}:{key}".encode(), digest_size=8).digest()
-        return self.mc.tasks[int.from_bytes(h, "little") % len(self.mc.tasks)]
+        return self.main_cfg.tasks[int.from_bytes(h, "little") % len(self.main_cfg.tasks)]
 
     def render(self, sample: dict[str, Any]) -> Any:
         conv = sample.get("instruction")
@@ -353,12 +257,12 @@ class MainStage(Stage):
             from astrea.train.instructions import Dialogue
 
             return Dialogue(list(conv.turns), self.ctx.cfg.instructions.template)
-        tasks = self.mc.tasks
+        tasks = self.main_cfg.tasks
         start = tasks.index(self.task_for(str(sample.get("key", ""))))
         return self._render_first(sample, tasks[start:] + tasks[:start])
 
     def text_renders(self) -> list[Callable[[dict[str, Any]], Rendered | None]]:
-        return [self.render_task(t) for t in self.mc.tasks]
+        return [self.render_task(t) for t in self.main_cfg.tasks]
 
     def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
         """A render function that always asks ``task`` (held-out evaluation per task type)."""

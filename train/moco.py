@@ -37,28 +37,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from astrea.registry import check_choice
+
 __all__ = ["MoCoConfig", "MoCo", "MoCoOutput", "Head", "sample_ids", "moco_loss"]
 
 
 @dataclass
 class MoCoConfig:
-    """MoCo heads and queue. ``visual_dim``/``text_dim`` are filled in by the stage (the LLM hidden size)."""
+    """MoCo heads, queue and loss weight: ``TrainConfig.moco``. The widths (the LLM's) come at ``build``."""
 
-    visual_dim: int = 0
-    text_dim: int = 0
+    enabled: bool = True  # false: the Tab. 4 "no MoCo" ablation (--no-moco)
+    mu: float = 0.1  # Eq. 11 weight of L_moco in L_total (the paper gives no value)
     embed_dim: int = 256
     head_hidden: int | None = None  # None -> linear head; an int -> Linear-GELU-Linear
     queue_size: int = 4096  # 0 = in-batch negatives only
     momentum: float = 0.995  # m in Eq. 8
     tau: float = 0.07  # temperature
     lam: float = 0.5  # lambda in Eq. 7: weight of the row (visual -> text) direction
+    # text side: "llm" = mean of the LLM's last hidden states over the caption (frozen LLM: no grad, one
+    # extra text-only forward); "embeddings" = mean input embedding (bag of tokens, cheapest)
+    text_encoder: str = "llm"
+    max_caption_tokens: int = 64
     mask_same_sample: bool = True  # never use a queued copy of the same sample as a negative
 
     def validate(self) -> None:
-        if self.visual_dim <= 0 or self.text_dim <= 0:
-            raise ValueError(
-                f"moco.visual_dim={self.visual_dim} and moco.text_dim={self.text_dim} must be > 0 (the LLM width)"
-            )
+        """Every range of ``moco.*`` (ValueError naming the dotted field)."""
+        check_choice("moco.text_encoder", self.text_encoder, ("llm", "embeddings"))
+        if self.mu < 0:
+            raise ValueError(f"moco.mu={self.mu} must be >= 0")
         if self.embed_dim <= 0:
             raise ValueError(f"moco.embed_dim={self.embed_dim} must be > 0")
         if self.head_hidden is not None and self.head_hidden <= 0:
@@ -71,10 +77,15 @@ class MoCoConfig:
             raise ValueError(f"moco.tau={self.tau} must be > 0")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"moco.lam={self.lam} must be in [0, 1] (Eq. 7)")
+        if self.max_caption_tokens < 1:
+            raise ValueError(f"moco.max_caption_tokens={self.max_caption_tokens} must be >= 1")
 
-    def build(self) -> MoCo:
+    def build(self, visual_dim: int, text_dim: int) -> MoCo:
+        """``visual_dim``/``text_dim``: the widths of the pooled visual and text inputs (the LLM's)."""
+        if visual_dim <= 0 or text_dim <= 0:
+            raise ValueError(f"MoCo visual_dim={visual_dim} and text_dim={text_dim} must be > 0 (the LLM width)")
         self.validate()
-        return MoCo(self)
+        return MoCo(self, visual_dim=visual_dim, text_dim=text_dim)
 
 
 class Head(nn.Module):
@@ -148,11 +159,12 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
 
 
 class MoCo(nn.Module):
-    def __init__(self, cfg: MoCoConfig):
+    def __init__(self, cfg: MoCoConfig, *, visual_dim: int, text_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.online_v = Head(cfg.visual_dim, cfg.embed_dim, cfg.head_hidden)
-        self.online_t = Head(cfg.text_dim, cfg.embed_dim, cfg.head_hidden)
+        self.visual_dim, self.text_dim = visual_dim, text_dim
+        self.online_v = Head(visual_dim, cfg.embed_dim, cfg.head_hidden)
+        self.online_t = Head(text_dim, cfg.embed_dim, cfg.head_hidden)
         self.momentum_v = copy.deepcopy(self.online_v)
         self.momentum_t = copy.deepcopy(self.online_t)
         for p in (*self.momentum_v.parameters(), *self.momentum_t.parameters()):

@@ -8,8 +8,7 @@ to -inf, and a softmax turns them into routing probabilities P_i; the fused toke
 Why the router reads the instruction: the paper's Fig. 2 shows routing mass that differs *per task*
 ("the caption task corresponds to ViT"). A router that sees only the visual tokens gives the same mixture
 for the same image whatever is asked, so it could not show that picture. With a context vector ``c`` (the
-main stage passes the instruction as the LLM sees it, see ``router_context`` in
-``astrea.train.main_stage``) the logits are ``W [f_1..f_n] + U norm(c)``: still one linear layer, over the
+main stage passes the instruction as the LLM sees it, see :attr:`MoEConfig.router_context`) the logits are ``W [f_1..f_n] + U norm(c)``: still one linear layer, over the
 tokens and the instruction together. ``norm`` is a LayerNorm without parameters: LLM hidden states have
 scales that differ by model and layer by orders of magnitude, and the router's init and learning rate
 should not depend on that. ``router_context="none"`` is the purely visual router; ``router="uniform"``
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,49 +33,58 @@ from torch import nn
 
 from astrea.registry import check_choice
 
-__all__ = ["MoEConfig", "MoEFusion", "MoEOutput", "Adapter", "RoutingStats", "routing_stats", "top_k_mask"]
+__all__ = [
+    "MoEConfig", "ROUTERS", "ROUTER_CONTEXTS", "MoEFusion", "MoEOutput", "Adapter", "RoutingStats", "routing_stats",
+    "top_k_mask",
+]
 
 
 @dataclass
 class MoEConfig:
-    """MoE router + adapters. ``dim`` is the LLM hidden size (the stage fills it in from the LLM)."""
+    """MoE router + adapters: ``TrainConfig.moe``. The sizes (LLM width, experts) come from the run at ``build``."""
 
-    dim: int = 0
-    n_experts: int = 4
     top_k: int = 3  # Tab. 3: top-3 is the paper's default
-    adapter_hidden: int | None = None  # None -> dim
+    adapter_hidden: int | None = None  # None -> the LLM hidden size
     adapter_init: str = "identity"  # identity | random
-    router_context: bool = True  # router also reads a context vector (the instruction, see module doc)
+    # What the router knows of the task (Fig. 2): "instruction" = the LLM's last-layer hidden state at the
+    # instruction's last token (a text-only forward of the prompt, no gradient); "embedding" = the mean
+    # input embedding of the prompt tokens (weak: prompts that differ in one word barely differ);
+    # "none" = the purely visual router of Eq. 9 read literally.
+    router_context: str = "instruction"
     router: str = "learned"  # learned | uniform (control: every expert weighs 1/n, no top-k)
     router_init_std: float = 0.02  # small random init: all-equal logits would make top-k ties arbitrary
     # Switch-Transformer load-balancing aux loss. The paper names none; without it a top-k router can drop
     # an expert for good in the first steps (masked logits get no gradient: measured in docs/main_stage.md)
     balance_weight: float = 0.01
-    expert_names: tuple[str, ...] = field(default_factory=tuple)  # for statistics only
 
-    def validate(self) -> None:
-        if self.dim <= 0:
-            raise ValueError(f"moe.dim={self.dim} must be the LLM hidden size (> 0)")
-        if self.n_experts < 1:
-            raise ValueError(f"moe.n_experts={self.n_experts} must be >= 1")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(
-                f"moe.top_k={self.top_k} must be between 1 and n_experts={self.n_experts} (Tab. 3 ablates 1..4)"
-            )
-        if self.adapter_hidden is not None and self.adapter_hidden < 1:
-            raise ValueError(f"moe.adapter_hidden={self.adapter_hidden} must be >= 1 (or None for dim)")
+    def validate(self, experts: Sequence[str] | int | None = None) -> None:
+        """Every range of ``moe.*``; ``experts`` (names or a count), when known, bounds ``top_k``."""
+        # configs written before router_context took words said true / false
+        legacy = {"true": "embedding", "false": "none"}
+        self.router_context = legacy.get(str(self.router_context).lower(), self.router_context)
+        check_choice("moe.router_context", self.router_context, ROUTER_CONTEXTS)
         check_choice("moe.adapter_init", self.adapter_init, ("identity", "random"))
         check_choice("moe.router", self.router, ROUTERS)
+        n = experts if isinstance(experts, int) or experts is None else len(experts)
+        if self.top_k < 1 or (n is not None and self.top_k > n):
+            names = f": {', '.join(experts)}" if experts is not None and not isinstance(experts, int) else ""
+            bound = f"the number of experts ({n}{names})" if n is not None else "the number of experts"
+            raise ValueError(f"moe.top_k={self.top_k} must be between 1 and {bound} (Tab. 3 ablates 1..4)")
+        if self.adapter_hidden is not None and self.adapter_hidden < 1:
+            raise ValueError(f"moe.adapter_hidden={self.adapter_hidden} must be >= 1 (or None for the LLM width)")
         if self.balance_weight < 0:
             raise ValueError(f"moe.balance_weight={self.balance_weight} must be >= 0")
-        if self.expert_names and len(self.expert_names) != self.n_experts:
-            raise ValueError(
-                f"moe.expert_names has {len(self.expert_names)} names for n_experts={self.n_experts}"
-            )
 
-    def build(self) -> MoEFusion:
-        self.validate()
-        return MoEFusion(self)
+    def build(self, dim: int, n_experts: int = 4, expert_names: Sequence[str] = ()) -> MoEFusion:
+        """``dim``: the LLM hidden size; ``expert_names`` (for statistics) must count ``n_experts``."""
+        if dim <= 0:
+            raise ValueError(f"MoE dim={dim} must be the LLM hidden size (> 0)")
+        if n_experts < 1:
+            raise ValueError(f"MoE n_experts={n_experts} must be >= 1")
+        if expert_names and len(expert_names) != n_experts:
+            raise ValueError(f"MoE expert_names has {len(expert_names)} names for n_experts={n_experts}")
+        self.validate(tuple(expert_names) or n_experts)
+        return MoEFusion(self, dim=dim, n_experts=n_experts, expert_names=tuple(expert_names))
 
 
 class Adapter(nn.Module):
@@ -95,6 +103,7 @@ class Adapter(nn.Module):
 
 
 ROUTERS = ("learned", "uniform")
+ROUTER_CONTEXTS = ("instruction", "embedding", "none")
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,10 +125,11 @@ class MoEOutput:
 
 
 class MoEFusion(nn.Module):
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, *, dim: int, n_experts: int, expert_names: tuple[str, ...] = ()):
         super().__init__()
         self.cfg = cfg
-        n, d = cfg.n_experts, cfg.dim
+        self.dim, self.n_experts, self.expert_names = dim, n_experts, expert_names
+        n, d = n_experts, dim
         hidden = cfg.adapter_hidden or d
         # One linear map over the concatenated per-position expert tokens: the router can see which expert
         # carries what at this position, not only their average.
@@ -127,7 +137,7 @@ class MoEFusion(nn.Module):
         nn.init.normal_(self.router.weight, std=cfg.router_init_std / math.sqrt(n))
         nn.init.zeros_(self.router.bias)
         self.context_router: nn.Linear | None = None
-        if cfg.router_context:
+        if cfg.router_context != "none":
             self.context_router = nn.Linear(d, n, bias=False)
             nn.init.normal_(self.context_router.weight, std=cfg.router_init_std)
         self.adapters = nn.ModuleList(Adapter(d, hidden, cfg.adapter_init) for _ in range(n))
@@ -164,9 +174,9 @@ class MoEFusion(nn.Module):
         self, experts: torch.Tensor | Sequence[torch.Tensor], context: torch.Tensor | None = None
     ) -> MoEOutput:
         x = self.stack(experts)
-        if x.shape[1] != self.cfg.n_experts or x.shape[-1] != self.cfg.dim:
+        if x.shape[1] != self.n_experts or x.shape[-1] != self.dim:
             raise ValueError(
-                f"MoE built for n_experts={self.cfg.n_experts}, dim={self.cfg.dim}; got tokens of shape "
+                f"MoE built for n_experts={self.n_experts}, dim={self.dim}; got tokens of shape "
                 f"{tuple(x.shape)} ([B, n, P, D])"
             )
         logits, probs = self.route(x, context)

@@ -26,8 +26,8 @@ The main stage is a :class:`Stage` too, registered as ``"main"`` in
 ``astrea.train.main_stage`` (``STAGES.register("main", ...)`` at import; ``stage_class("main")`` imports
 that module on first use). Its ``build`` adds the router/adapters/MoCo to ``model.extras`` and
 initialises adapters from ``model.projectors``; ``visual_tokens`` mixes all experts' aligned tokens;
-``render`` may pick a task per sample; ``extra_losses`` returns the MoCo term. ``cfg.extras`` carries
-its options (top_k, mu, ...) until it gets its own config section.
+``render`` may pick a task per sample; ``extra_losses`` returns the MoCo term. Its options are the typed
+sections ``cfg.moe``, ``cfg.moco`` and ``cfg.main`` of the train config.
 """
 
 from __future__ import annotations

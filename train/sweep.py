@@ -37,10 +37,11 @@ from typing import Any
 import yaml
 
 from astrea.errors import AstreaError
-from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
+from astrea.train.config import PRE_ALIGNMENT_STAGES, SHORTHANDS as ABLATIONS, TrainConfig, shorthand_overrides
 from astrea.train.errors import TrainError
 
-SHORTHANDS = ("top_k", "no_moco", "no_residual", "stage_order", "stage_experts", "set")
+# the ablation shorthands (top_k, no_moco, no_residual) are the `astrea train` flags' table
+SHORTHANDS = (*ABLATIONS, "stage_order", "stage_experts", "set")
 ORDERS = ("default", "reversed", "all-at-once")
 TOP_KEYS = ("base", "set", "out", "eval", "variants")
 
@@ -128,12 +129,7 @@ def variant_config(spec: SweepSpec, v: Variant) -> TrainConfig:
     base_cfg = TrainConfig.load(spec.base, spec.common)
     ov: dict[str, Any] = dict(spec.common)
     s = v.spec
-    if "top_k" in s:
-        ov["extras.top_k"] = s["top_k"]
-    if "no_moco" in s:
-        ov["extras.no_moco"] = s["no_moco"]
-    if "no_residual" in s:
-        ov["residual.enabled"] = not _bool(s["no_residual"], f"variant {v.name}: no_residual")
+    ov.update(shorthand_overrides({k: s[k] for k in ABLATIONS if k in s}, where=f"variant {v.name}"))
     if "stage_experts" in s:
         if not isinstance(s["stage_experts"], dict):
             raise TrainError(f"variant {v.name}: stage_experts must be a mapping stage -> expert, e.g. {{caption: clip}}")
@@ -160,12 +156,6 @@ def stage_order(base: list[str], order: Any, name: str) -> list[str]:
     if order in ("all-at-once", "cap-all"):  # Tab. 6 "Cap->All": caption first, then the rest at once
         return ["caption", "all"] + tail
     raise TrainError(f"variant {name}: stage_order={order!r} is not valid; use one of {list(ORDERS)} or a list of stages")
-
-
-def _bool(v: Any, what: str) -> bool:
-    if isinstance(v, bool):
-        return v
-    raise TrainError(f"{what}={v!r} must be true or false")
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -290,7 +280,11 @@ def _one_line(msg: str, limit: int = 300) -> str:
 
 
 def _same_config(saved: Path, cfg: TrainConfig) -> bool:
-    a = yaml.safe_load(saved.read_text()) or {}
+    # through TrainConfig: a run saved with the legacy `extras` form compares by what it means
+    try:
+        a = TrainConfig.from_dict(yaml.safe_load(saved.read_text()) or {}, source=str(saved)).to_dict()
+    except (TrainError, yaml.YAMLError):
+        return False
     b = cfg.to_dict()
     for d in (a, b):
         for k in ("resume", "progress"):

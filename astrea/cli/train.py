@@ -49,14 +49,14 @@ def train(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --workers (auto, ray://host:10001)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for shuffling, init and residual draws."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Main stage: experts mixed per token, 1..4 [3] (Tab. 3; = --set extras.top_k=K)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Main stage: experts mixed per token, 1..4 [3] (Tab. 3; = --set moe.top_k=K)."),
     no_residual: bool = typer.Option(False, "--no-residual", help="No random residual attention (Tab. 4; = --set residual.enabled=false)."),
-    no_moco: bool = typer.Option(False, "--no-moco", help="Main stage without MoCo (Tab. 4; = --set extras.no_moco=true)."),
+    no_moco: bool = typer.Option(False, "--no-moco", help="Main stage without MoCo (Tab. 4; = --set moco.enabled=false)."),
     instructions: list[Path] = typer.Option([], "--instructions", help="Main stage: LLaVA-format instruction JSON/JSONL joined with the store by image (repeatable; = instructions.files)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field, dotted: --set residual.p=0.3 --set stage_experts.caption=clip."),
 ) -> None:
     from astrea.train import run
-    from astrea.train.config import TrainConfig
+    from astrea.train.config import TrainConfig, shorthand_overrides
     from astrea.train.errors import TrainError
 
     overrides: dict[str, object] = {
@@ -77,9 +77,8 @@ def train(
         "address": address,
         "seed": seed,
         "progress": False if no_progress else None,
-        "extras.top_k": top_k,
-        "residual.enabled": False if no_residual else None,
-        "extras.no_moco": True if no_moco else None,
+        # the ablation flags go through the table the sweep's variant fields use
+        **shorthand_overrides({"top_k": top_k, "no_residual": no_residual or None, "no_moco": no_moco or None}),
         "instructions.files": [str(p) for p in instructions] or None,
     }
     for item in set_:

@@ -45,7 +45,7 @@ def test_eval_and_summary_carry_the_permuted_control(tmp_path):
     from tests.train.test_eval import TINY_TRAIN
 
     run = train_tiny(tmp_path, stages=["caption", "main"], steps=3, llm={"text_warmup_steps": 0},
-                     extras={**TINY_TRAIN["extras"], "top_k": 1})
+                     moe={"top_k": 1})
     m = evaluate(EvalConfig(run=str(run)))
     for part in ("heldout", "heldout_permuted"):
         assert set(m[part]["stages"]) == {"caption"}
@@ -99,7 +99,7 @@ def test_text_warmup_reads_the_training_split_only(tmp_path, monkeypatch):
     store = write_store(tmp_path / "store")
     cfg = TrainConfig.from_dict({"store": str(store), "data": "tiny", "out": str(tmp_path / "run"),
                                  "stages": ["caption", "main"], "dataset": {"heldout_fraction": 0.3},
-                                 "extras": {"top_k": 1}})
+                                 "moe": {"top_k": 1}})
     seen = {}
     monkeypatch.setattr(tw, "warm_up", lambda model, tok, texts, **kw: seen.setdefault("texts", texts) and {})
     from astrea.train.tokenizer import byte_level_tokenizer

@@ -31,7 +31,7 @@ def test_instruction_tuned_main_stage_answers_from_the_image(world, tmp_path):
         "instructions.files": [str(instructions)],
         # MoCo on; its text side reads input embeddings: with the whole (random) LLM trained here, the "llm"
         # text encoder's gradient would pull the LLM towards the captions and away from the answers
-        "extras": {"train_projectors": True, "mu": 0.1, "moco": {"text_encoder": "embeddings"}},
+        "main.train_projectors": True, "moco": {"mu": 0.1, "text_encoder": "embeddings"},
     }))
     (stage,) = summary["stages"]
     assert stage["extra"]["instructions"] == {"records": 252, "matched": 240, "images": 240, "text_only": 8,

@@ -10,7 +10,7 @@ from astrea.train.config import TrainConfig
 from astrea.train.data import Collator
 from astrea.train.errors import TrainError
 from astrea.train.llm import build_llm
-from astrea.train.main_stage import MainStage, main_config, pre_alignment_plan
+from astrea.train.main_stage import MainStage, pre_alignment_plan
 from astrea.train.model import AstreaModel
 from astrea.train.moco import MoCo
 from astrea.train.stages import StageContext, build_stages
@@ -42,10 +42,11 @@ def records(n: int, seed: int = 0, caption: bool = True) -> list[dict]:
     return out
 
 
-def setup(extras: dict | None = None, stages: list[str] | None = None, **cfg_kw):
+def setup(sections: dict | None = None, stages: list[str] | None = None, **cfg_kw):
+    """``sections``: the main stage's config sections (moe, moco, main)."""
     cfg = TrainConfig.from_dict(
         {"store": "x", "data": "x", "out": "x", "stages": stages or ["caption", "classification", "detection", "segmentation", "main"],
-         "extras": extras or {"moco": {"queue_size": 16, "embed_dim": 8}}, **cfg_kw}
+         **(sections or {"moco": {"queue_size": 16, "embed_dim": 8}}), **cfg_kw}
     )
     torch.manual_seed(0)
     llm = build_llm(cfg.llm)
@@ -124,7 +125,7 @@ def test_task_per_sample_is_stable_and_covers_all_tasks():
 
 @pytest.mark.parametrize("context", ["instruction", "embedding", True])  # True: configs written before words
 def test_router_context_makes_routing_depend_on_the_instruction(context):
-    cfg, model, main, collate = setup({"moe": {"router_context": context}, "no_moco": True})
+    cfg, model, main, collate = setup({"moe": {"router_context": context}, "moco": {"enabled": False}})
     with torch.no_grad():
         model.extras["moe"].context_router.weight.normal_(std=1.0)
     model.eval()
@@ -135,7 +136,7 @@ def test_router_context_makes_routing_depend_on_the_instruction(context):
 
 
 def test_no_moco_and_top_k_and_balance_flags():
-    cfg, model, main, collate = setup({"no_moco": True, "top_k": 1, "moe": {"balance_weight": 0.01}})
+    cfg, model, main, collate = setup({"moco": {"enabled": False}, "moe": {"top_k": 1, "balance_weight": 0.01}})
     assert "moco" not in model.extras
     batch = collate(records(4))
     model.train()
@@ -184,24 +185,45 @@ def test_stage_order_follows_the_run():
 
 
 @pytest.mark.parametrize(
-    "extras,field",
+    "sections,field",
     [
-        ({"top_k": 5}, "extras.top_k"),
-        ({"topk": 2}, "extras.topk"),
-        ({"moco": {"tau": 0}}, "extras.moco.tau"),
-        ({"moe": {"adapter_init": "x"}}, "extras.moe.adapter_init"),
-        ({"tasks": ["vqa"]}, "extras.tasks"),
-        ({"mu": -1}, "extras.mu"),
+        ({"moe": {"top_k": 5}}, "moe.top_k"),
+        ({"moe": {"top_k": 0}}, "moe.top_k"),
+        ({"moe": {"topk": 2}}, "moe.topk"),
+        ({"moco": {"tau": 0}}, "moco.tau"),
+        ({"moco": {"max_caption_tokens": 0}}, "moco.max_caption_tokens"),
+        ({"moe": {"adapter_init": "x"}}, "moe.adapter_init"),
+        ({"moe": {"router_context": "x"}}, "moe.router_context"),
+        ({"main": {"tasks": ["vqa"]}}, "main.tasks"),
+        ({"main": {"tasks": []}}, "main.tasks"),
+        ({"moco": {"mu": -1}}, "moco.mu"),
+        ({"extras": {"top_k": 5}}, "moe.top_k"),  # the legacy form names the typed field
+        ({"extras": {"topk": 2}}, "extras.topk"),
     ],
 )
-def test_bad_options_name_their_field(extras, field):
+def test_bad_options_name_their_field(sections, field):
     with pytest.raises(TrainError, match=field.replace(".", r"\.")):
-        setup(extras)
+        setup(sections)
+
+
+@pytest.mark.parametrize("sections", [{"moe": {"top_k": 9}}, {"moco": {"tau": -1}}, {"main": {"tasks": ["vqa"]}}])
+def test_train_config_validate_checks_the_main_sections(sections):
+    """The ranges are checked when the whole config is validated (before any stage or data is touched)."""
+    cfg = TrainConfig.from_dict({"store": "/s", "data": "x", "out": "/o", **sections})
+    if sections.get("moe"):  # top_k's upper bound needs the experts: the main stage checks it
+        cfg.validate()
+        with pytest.raises(TrainError, match=r"moe\.top_k=9 must be between 1 and the number of experts \(4: "):
+            cfg.validate_main(["siglip", "ram_plus", "grounding_dino", "sam2"])
+    else:
+        with pytest.raises(TrainError, match=next(iter(sections)) + r"\."):
+            cfg.validate()
 
 
 def test_main_config_defaults():
-    mc = main_config(TrainConfig())
-    assert mc.top_k == 3 and not mc.no_moco and mc.tasks == ["caption", "tags", "boxes", "masks"]
+    cfg = TrainConfig()
+    assert cfg.moe.top_k == 3 and cfg.moco.enabled and cfg.moco.mu == 0.1
+    assert cfg.main.tasks == ["caption", "tags", "boxes", "masks"] and not cfg.main.train_projectors
+    assert cfg.moe.router_context == "instruction" and cfg.moe.balance_weight == 0.01
     ctx = StageContext(cfg=TrainConfig(), name="main", index=0, order=["main"])
     assert MainStage(ctx).required_experts() == ["siglip", "ram_plus", "grounding_dino", "sam2"]
 
@@ -215,6 +237,10 @@ def test_train_cli_has_the_ablation_flags():
     assert r.exit_code == 0
     for flag in ("--top-k", "--no-residual", "--no-moco", "--stages"):
         assert flag in r.output
+    from astrea.train.config import SHORTHANDS
+
+    for key, _ in SHORTHANDS.values():  # each flag's help names the field it sets (the shared table)
+        assert key in r.output, key
 
 
 def test_moco_text_features_while_another_thread_tokenises():

@@ -11,7 +11,7 @@ from astrea.train.moco import MoCo, MoCoConfig, sample_ids
 
 
 def _cfg(**kw) -> MoCoConfig:
-    base = dict(visual_dim=6, text_dim=5, embed_dim=4, queue_size=8, momentum=0.9, tau=0.1, lam=0.3)
+    base = dict(embed_dim=4, queue_size=8, momentum=0.9, tau=0.1, lam=0.3)
     base.update(kw)
     return MoCoConfig(**base)
 
@@ -40,7 +40,7 @@ def _norm(x):
 def test_loss_and_gradients_match_reference():
     torch.manual_seed(0)
     cfg = _cfg()
-    moco = cfg.build()
+    moco = cfg.build(visual_dim=6, text_dim=5)
     # fill part of the queue so negatives come from both the batch and the queue
     moco.enqueue(_norm(torch.randn(3, 4)), _norm(torch.randn(3, 4)))
     v = torch.randn(4, 6, requires_grad=True)
@@ -51,7 +51,7 @@ def test_loss_and_gradients_match_reference():
     g_v = v.grad.clone()
 
     # reference: the same heads applied by hand
-    ref = MoCo(cfg)
+    ref = MoCo(cfg, visual_dim=6, text_dim=5)
     ref.load_state_dict(moco.state_dict())
     v2 = v.detach().clone().requires_grad_(True)
     wv, bv = ref.online_v.net.weight, ref.online_v.net.bias
@@ -78,11 +78,11 @@ def test_lambda_extremes_select_one_direction():
     torch.manual_seed(1)
     v, t = torch.randn(3, 6), torch.randn(3, 5)
     base = _cfg(queue_size=0)
-    m = base.build()
+    m = base.build(visual_dim=6, text_dim=5)
     sd = m.state_dict()
     losses = {}
     for lam in (0.0, 1.0, 0.25):
-        mm = _cfg(queue_size=0, lam=lam).build()
+        mm = _cfg(queue_size=0, lam=lam).build(visual_dim=6, text_dim=5)
         mm.load_state_dict(sd)
         losses[lam] = mm(v, t).loss
     # Eq. 7 is linear in lambda
@@ -92,7 +92,7 @@ def test_lambda_extremes_select_one_direction():
 
 def test_queue_short_batches_and_wraparound():
     cfg = _cfg(queue_size=5)
-    moco = cfg.build()
+    moco = cfg.build(visual_dim=6, text_dim=5)
     seen = []
     for b in (2, 2, 3, 1):  # 8 keys through a ring of 5, the last batch short and not a divisor of 5
         k = torch.arange(len(seen), len(seen) + b, dtype=torch.float32)[:, None].repeat(1, 4)
@@ -108,7 +108,7 @@ def test_queue_short_batches_and_wraparound():
 
 
 def test_partial_queue_uses_only_filled_entries():
-    moco = _cfg(queue_size=10).build()
+    moco = _cfg(queue_size=10).build(visual_dim=6, text_dim=5)
     moco.enqueue(torch.ones(2, 4), torch.ones(2, 4))
     assert moco.queued()[0].shape == (2, 4)
     out = moco(torch.randn(3, 6), torch.randn(3, 5))  # training mode: enqueues 3 more
@@ -120,7 +120,7 @@ def test_partial_queue_uses_only_filled_entries():
 
 def test_momentum_update_is_exact():
     torch.manual_seed(2)
-    moco = _cfg(head_hidden=3, momentum=0.75).build()
+    moco = _cfg(head_hidden=3, momentum=0.75).build(visual_dim=6, text_dim=5)
     with torch.no_grad():
         for p in moco.online_parameters():
             p.add_(torch.randn_like(p))
@@ -139,7 +139,7 @@ def test_momentum_update_is_exact():
 def test_same_sample_in_queue_is_not_a_negative():
     torch.manual_seed(3)
     cfg = _cfg(queue_size=4, lam=0.5)
-    moco = cfg.build()
+    moco = cfg.build(visual_dim=6, text_dim=5)
     v, t = torch.randn(2, 6), torch.randn(2, 5)
     ids = sample_ids(["a", "b"])
     moco(v, t, ids=ids)  # queues a and b
@@ -161,14 +161,14 @@ def test_same_sample_in_queue_is_not_a_negative():
 def test_queue_and_momentum_state_round_trip_through_state_dict(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    moco = _cfg().build()
+    moco = _cfg().build(visual_dim=6, text_dim=5)
     moco(torch.randn(3, 6), torch.randn(3, 5), ids=sample_ids(["x", "y", "z"]))
     moco.momentum_update()
     sd = {k: v.contiguous() for k, v in moco.state_dict().items()}
     assert {"queue_t", "queue_v", "queue_ids", "queue_ptr", "queue_filled"} <= set(sd)
     assert any(k.startswith("momentum_v.") for k in sd)
     save_file(sd, str(tmp_path / "m.safetensors"))
-    fresh = _cfg().build()
+    fresh = _cfg().build(visual_dim=6, text_dim=5)
     fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     for k, v in moco.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
@@ -181,17 +181,18 @@ def test_sample_ids_stable_and_distinct():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("momentum", 1.0), ("tau", 0.0), ("lam", 1.5), ("queue_size", -1), ("embed_dim", 0)]
+    "field,value", [("momentum", 1.0), ("tau", 0.0), ("lam", 1.5), ("queue_size", -1), ("embed_dim", 0),
+                    ("mu", -0.1), ("max_caption_tokens", 0), ("text_encoder", "bert")]
 )
 def test_bad_config_names_field(field, value):
     with pytest.raises(ValueError, match=f"moco.{field}"):
-        _cfg(**{field: value}).build()
+        _cfg(**{field: value}).build(visual_dim=6, text_dim=5)
 
 
 def test_perfect_alignment_gives_low_loss():
     # identical heads and text == visual features: the loss is far below the chance value log(B + N)
-    cfg = MoCoConfig(visual_dim=8, text_dim=8, embed_dim=8, queue_size=0, tau=0.05)
-    m = cfg.build()
+    cfg = MoCoConfig(embed_dim=8, queue_size=0, tau=0.05)
+    m = cfg.build(visual_dim=8, text_dim=8)
     m.online_t.load_state_dict(m.online_v.state_dict())
     m.momentum_t.load_state_dict(m.online_v.state_dict())
     m.momentum_v.load_state_dict(m.online_v.state_dict())

@@ -16,7 +16,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        moco = MoCoConfig(visual_dim=4, text_dim=4, embed_dim=2, queue_size=6).build()
+        moco = MoCoConfig(embed_dim=2, queue_size=6).build(visual_dim=4, text_dim=4)
         sizes = {0: [3, 1, 0, 2], 1: [1, 0, 0, 2]}[rank]  # uneven, empty on one rank and on all, wrap-around
         for step, b in enumerate(sizes):
             base = 100 * rank + 10 * min(step, 2)

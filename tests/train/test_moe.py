@@ -26,7 +26,7 @@ def test_top_k_mask_keeps_k_largest():
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_fused_equals_hand_mixture_with_identity_adapters(k):
     torch.manual_seed(k)
-    moe = MoEConfig(dim=8, n_experts=4, top_k=k, router_context=False).build()
+    moe = MoEConfig(top_k=k, router_context="none").build(dim=8, n_experts=4)
     x = torch.randn(2, 4, 5, 8)
     out = moe(x)
     assert out.fused.shape == (2, 5, 8) and out.probs.shape == (2, 5, 4)
@@ -43,7 +43,7 @@ def test_fused_equals_hand_mixture_with_identity_adapters(k):
 
 def test_list_input_and_context_change_routing():
     torch.manual_seed(0)
-    moe = MoEConfig(dim=6, n_experts=3, top_k=2, router_init_std=0.5).build()
+    moe = MoEConfig(top_k=2, router_init_std=0.5).build(dim=6, n_experts=3)
     grids = [torch.randn(2, 4, 6) for _ in range(3)]
     a = moe(grids)
     b = moe(torch.stack(grids, 1))
@@ -55,7 +55,7 @@ def test_list_input_and_context_change_routing():
 
 def test_adapters_change_output_once_trained_and_gradients_reach_router():
     torch.manual_seed(1)
-    moe = MoEConfig(dim=4, n_experts=4, top_k=2, adapter_hidden=3, adapter_init="random").build()
+    moe = MoEConfig(top_k=2, adapter_hidden=3, adapter_init="random").build(dim=4, n_experts=4)
     x = torch.randn(3, 4, 2, 4)
     out = moe(x)
     assert not torch.allclose(out.fused, sum(out.probs[..., i : i + 1] * x[:, i] for i in range(4)))
@@ -84,10 +84,10 @@ def test_aux_loss_on_by_default_weighted_and_off_at_zero():
     torch.manual_seed(2)
     x = torch.randn(2, 4, 3, 8)
     assert MoEConfig().balance_weight == 0.01  # Switch's weight: keeps top-k experts alive (docs/main_stage.md)
-    off = MoEConfig(dim=8, balance_weight=0.0).build()(x)
+    off = MoEConfig(balance_weight=0.0).build(dim=8)(x)
     assert off.aux_loss.item() == 0.0
-    cfg = MoEConfig(dim=8, balance_weight=0.01)
-    moe = cfg.build()
+    cfg = MoEConfig(balance_weight=0.01)
+    moe = cfg.build(dim=8)
     on = moe(x)
     torch.testing.assert_close(on.aux_loss, 0.01 * balance_loss(on.probs, cfg.top_k))
     on.aux_loss.backward()
@@ -97,21 +97,38 @@ def test_aux_loss_on_by_default_weighted_and_off_at_zero():
 @pytest.mark.parametrize(
     "kw,field",
     [
-        (dict(dim=8, top_k=5), "moe.top_k"),
-        (dict(dim=8, top_k=0), "moe.top_k"),
-        (dict(dim=0), "moe.dim"),
-        (dict(dim=8, adapter_init="zeros"), "moe.adapter_init"),
-        (dict(dim=8, balance_weight=-1.0), "moe.balance_weight"),
-        (dict(dim=8, expert_names=("a", "b")), "moe.expert_names"),
+        (dict(top_k=5), "moe.top_k"),
+        (dict(top_k=0), "moe.top_k"),
+        (dict(adapter_init="zeros"), "moe.adapter_init"),
+        (dict(router_context="maybe"), "moe.router_context"),
+        (dict(balance_weight=-1.0), "moe.balance_weight"),
+        (dict(adapter_hidden=0), "moe.adapter_hidden"),
     ],
 )
 def test_bad_config_names_field(kw, field):
     with pytest.raises(ValueError, match=field):
-        MoEConfig(**kw).build()
+        MoEConfig(**kw).build(dim=8, n_experts=4)
+
+
+@pytest.mark.parametrize(
+    "kw,match", [(dict(dim=0), "dim=0"), (dict(dim=8, n_experts=0), "n_experts=0"),
+                 (dict(dim=8, expert_names=("a", "b")), "expert_names has 2 names")],
+)
+def test_bad_sizes_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig().build(**kw)
+
+
+def test_legacy_router_context_words():
+    """Configs written before router_context took words said true / false."""
+    for old, new in ((True, "embedding"), ("false", "none")):
+        cfg = MoEConfig(router_context=old)
+        cfg.validate()
+        assert cfg.router_context == new
 
 
 def test_shape_errors_are_clear():
-    moe = MoEConfig(dim=8, n_experts=4).build()
+    moe = MoEConfig().build(dim=8, n_experts=4)
     with pytest.raises(ValueError, match="n_experts=4"):
         moe(torch.randn(2, 3, 5, 8))
     with pytest.raises(ValueError, match="common grid"):

@@ -39,7 +39,7 @@ def train_and_measure(moe_cls: type[MoEFusion], steps: int = 250, seed: int = 0)
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randn(N_CLASSES, DIM, generator=gen)
     task_ctx = torch.randn(N_EXPERTS, DIM, generator=gen)  # stand-in for the pooled instruction embedding
-    moe = moe_cls(MoEConfig(dim=DIM, n_experts=N_EXPERTS, top_k=3, adapter_hidden=16))
+    moe = moe_cls(MoEConfig(top_k=3, adapter_hidden=16), dim=DIM, n_experts=N_EXPERTS)
     readout = nn.Linear(DIM, N_CLASSES)
     opt = torch.optim.Adam([*moe.parameters(), *readout.parameters()], lr=1e-2)
     for _ in range(steps):

@@ -27,7 +27,7 @@ def train_and_eval(world, out, **moe) -> dict:
         "store": str(world.store), "data": world.dataset, "out": str(out), "stages": ["main"], "steps": 300,
         "batch_size": 16, "optim.lr": 3e-3, "llm.freeze": False, "llm.text_warmup_steps": 0,
         "residual.enabled": False, "progress": False, "save_every": 0, "dataset.heldout_fraction": 0.2,
-        "extras": {"no_moco": True, "train_projectors": True, "moe": moe},
+        "moco.enabled": False, "main.train_projectors": True, "moe": moe,
     })
     run(cfg)
     return evaluate(EvalConfig(run=str(out)))

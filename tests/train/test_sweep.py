@@ -36,9 +36,9 @@ def test_each_ablation_is_one_field(tmp_path):
     ])
     spec = load_sweep(p)
     cfgs = {v.name: variant_config(spec, v) for v in spec.variants}
-    assert cfgs["paper"].extras == {} and cfgs["paper"].residual.enabled
-    assert cfgs["top1"].extras == {"top_k": 1}
-    assert cfgs["nomoco"].extras == {"no_moco": True}
+    assert cfgs["paper"].moe.top_k == 3 and cfgs["paper"].moco.enabled and cfgs["paper"].residual.enabled
+    assert cfgs["top1"].moe.top_k == 1 and cfgs["top1"].moco.enabled
+    assert not cfgs["nomoco"].moco.enabled and cfgs["nomoco"].moe.top_k == 3
     assert not cfgs["nores"].residual.enabled
     assert cfgs["clip"].stage_experts == {"caption": "clip", "classification": "ram_plus",
                                           "detection": "grounding_dino", "segmentation": "sam2"}
@@ -70,7 +70,7 @@ def test_bad_sweep_files_fail_before_training(tmp_path, variants, match):
 def test_bad_option_in_any_variant_fails_before_the_first_trains(tmp_path):
     p = sweep_file(tmp_path, ["paper", {"name": "k9", "top_k": 9}])
     r = CliRunner().invoke(app, ["sweep", str(p)])
-    assert r.exit_code == 2 and "k9" in r.output and "extras.top_k" in r.output, r.output
+    assert r.exit_code == 2 and "k9" in r.output and "moe.top_k" in r.output, r.output
     assert not (tmp_path / "out" / "paper").exists()
 
 
