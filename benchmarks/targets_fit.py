@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
+from astrea.schemas.stages import PRE_ALIGNMENT_STAGES, TASKS
+from astrea.train.config import TrainConfig
 from astrea.train.data import Collator
 from astrea.train.stages import build_stages
-from astrea.train.templates import TASKS
 
 SETTINGS = {
     "before": {"dataset.target_format": "decimal", "dataset.fit_targets": False},

@@ -45,7 +45,8 @@ def _images(n: int, seed: int = 0) -> list[bytes]:
 
 
 def _experts(grid: int, device: str):
-    from astrea.extract.experts.registry import EXPERT_ORDER, ExpertConfig, default_variant
+    from astrea.extract.experts.registry import ExpertConfig, default_variant
+    from astrea.schemas.stages import EXPERT_ORDER
 
     experts = {}
     for name in EXPERT_ORDER:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from astrea.errors import AstreaError
+from astrea.schemas.stages import ALL, EXPERT_ORDER
 
-
-ALL = "all"
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -100,7 +99,7 @@ def _list_names(names: list[str]) -> str:
 class ExtractConfig:
     """One ``astrea extract`` job. Per-expert dicts are keyed by expert name, ``"*"`` = every expert."""
 
-    experts: list[str]  # expert names, or ["all"]: siglip, ram_plus, grounding_dino, sam2 (stage order)
+    experts: list[str]  # expert names, or ["all"]: the stage table's EXPERT_ORDER
     data: str  # catalog name or path of the image source
     store: str | None = None  # default: astrea.config.default_store()
     dataset: str | None = None  # dataset name inside the store; default: the source's name
@@ -136,11 +135,11 @@ class ExtractConfig:
 
     # -- validation ---------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
-        from astrea.extract.experts.registry import EXPERT_ORDER, EXPERTS
+        from astrea.extract.experts.registry import EXPERTS
         from astrea.registry import UnknownNameError
 
         if not self.experts:
-            raise ExtractConfigError("experts: give at least one --expert (siglip, ram_plus, grounding_dino, sam2, or all)")
+            raise ExtractConfigError(f"experts: give at least one --expert ({', '.join(EXPERT_ORDER)}, or {ALL})")
         names: list[str] = []
         for e in self.experts:
             for n in (p.strip() for p in str(e).split(",")):

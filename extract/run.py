@@ -28,13 +28,11 @@ from typing import Any
 
 from astrea.errors import USER_ERRORS, AstreaError
 from astrea.extract.config import ExtractConfig, ExtractPlan
+from astrea.schemas.stages import expert_prerequisites
 
 log = logging.getLogger("astrea.extract")
 
 REPORT_NAME = "extract_report.json"
-# Which stored predictions prompt which expert (DEVELOPING.md contract); an expert module may
-# declare its own with a module-level PREREQUISITES tuple.
-PREREQUISITES: dict[str, tuple[str, ...]] = {"grounding_dino": ("ram_plus",), "sam2": ("grounding_dino",)}
 UNITS_PER_WORKER = 2  # units handed to an actor at once: it reads the next while finishing the current
 WORKER_RESTARTS = 3  # Ray restarts a dead inference actor this often (each restart reloads the model)
 UNIT_ATTEMPTS = 3  # a unit whose actor died is handed out again this often
@@ -124,7 +122,9 @@ def find_prerequisites(plan: ExtractPlan, store: Any, name: str, done: dict[str,
     from astrea.extract.experts.registry import expert_module
 
     cfg = plan.config
-    needs = tuple(getattr(expert_module(name), "PREREQUISITES", PREREQUISITES.get(name, ())))
+    # Which stored predictions prompt which expert: the stage table (DEVELOPING.md contract); an expert
+    # module the table does not name may declare its own with a module-level PREREQUISITES tuple.
+    needs = tuple(getattr(expert_module(name), "PREREQUISITES", expert_prerequisites(name)))
     if not needs or cfg.without_prerequisites:
         note = None if not needs else (
             f"run without {', '.join(needs)} prompts (--without-prerequisites): the expert's fallback "

@@ -19,24 +19,11 @@ from typing import Any
 
 import yaml
 
+from astrea.schemas.stages import TASKS, default_stage_experts, default_stages, default_target_sources
 from astrea.train.errors import TrainError
 from astrea.train.instructions import InstructionConfig
 from astrea.train.moco import MoCoConfig
 from astrea.train.moe import MoEConfig
-from astrea.train.templates import TASKS
-
-PRE_ALIGNMENT_STAGES = ("caption", "classification", "detection", "segmentation")
-
-# Which store expert serves each pre-alignment stage (paper Tab. 5 uses these four; any expert name
-# present in the store may be put instead, e.g. ``caption: clip``).
-DEFAULT_STAGE_EXPERTS = {
-    "caption": "siglip",
-    "classification": "ram_plus",
-    "detection": "grounding_dino",
-    "segmentation": "sam2",
-}
-# Which expert's stored predictions become each target text (DEVELOPING.md output conventions).
-DEFAULT_TARGET_SOURCES = {"tags": "ram_plus", "boxes": "grounding_dino", "masks": "sam2"}
 
 
 @dataclass
@@ -170,9 +157,12 @@ class TrainConfig:
     store: str = ""
     data: str = ""
     out: str = ""
-    stages: list[str] = field(default_factory=lambda: default_stages())
-    stage_experts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STAGE_EXPERTS))
-    target_sources: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TARGET_SOURCES))
+    # The defaults come from the stage table (astrea.schemas.stages): the paper's stage order, the store
+    # expert serving each pre-alignment stage (Tab. 5: any expert in the store may be put instead, e.g.
+    # ``caption: clip``) and the expert whose stored predictions become each target text.
+    stages: list[str] = field(default_factory=default_stages)
+    stage_experts: dict[str, str] = field(default_factory=default_stage_experts)
+    target_sources: dict[str, str] = field(default_factory=default_target_sources)
     # expert name -> fingerprint the run must read; empty: whatever the store holds (recorded in RUN)
     expected_fingerprints: dict[str, str] = field(default_factory=dict)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -292,11 +282,6 @@ class TrainConfig:
                 continue
             _set_dotted(data, key, value)
         return cls.from_dict(data, source=str(path) if path else "config")
-
-
-def default_stages() -> list[str]:
-    """All pre-alignment stages, then the MoE/MoCo main stage (the paper's order)."""
-    return [*PRE_ALIGNMENT_STAGES, "main"]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

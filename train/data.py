@@ -127,7 +127,7 @@ class Collator:
 
     def counts(self) -> dict[str, Any]:
         """What happened to the targets encoded so far (the run's summary and eval report these)."""
-        from astrea.train.templates import TASKS
+        from astrea.schemas.stages import TASKS
 
         def ordered(c: Counter) -> dict[str, int]:  # task order, whatever order things happened in
             return {t: c[t] for t in sorted(c, key=lambda t: (TASKS.index(t) if t in TASKS else len(TASKS), t))}

@@ -195,7 +195,7 @@ class _LineNats:
         self.samples: dict[str, int] = {}
 
     def add(self, token_losses: torch.Tensor, labels: torch.Tensor, targets: list[str], n_tokens: Any) -> None:
-        from astrea.train.templates import TASKS
+        from astrea.schemas.stages import TASKS
 
         for i, target in enumerate(targets):
             losses = token_losses[i][labels[i] != IGNORE].tolist()  # the target's tokens, in order

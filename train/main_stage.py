@@ -33,13 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS, reads_outputs
+from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import IGNORE, AstreaModel
 from astrea.train.moco import MoCo, sample_ids
 from astrea.train.moe import MoEFusion, MoEOutput
 from astrea.train.stages import STAGES, AlignStage, Stage, StageContext, llm_trainable_modules
-from astrea.train.templates import STAGE_TASK, TASKS, Rendered, render
+from astrea.train.templates import Rendered, render
 
 __all__ = ["MainStage", "pre_alignment_plan"]
 
@@ -50,7 +51,7 @@ def pre_alignment_plan(cfg: TrainConfig, before: list[str]) -> list[tuple[str, l
     The run's own stage order when it has pre-alignment stages before ``main`` (reversed, ``all``, ...);
     otherwise (a main-only run initialised from a pre-alignment run) the canonical order.
     """
-    order = [s for s in before if s in (*PRE_ALIGNMENT_STAGES, "all")] or list(PRE_ALIGNMENT_STAGES)
+    order = [s for s in before if s in (*PRE_ALIGNMENT_STAGES, ALL)] or list(PRE_ALIGNMENT_STAGES)
     plan: list[tuple[str, list[str]]] = []
     for i, name in enumerate(order):
         if name in PRE_ALIGNMENT_STAGES and name not in cfg.stage_experts:
@@ -111,7 +112,7 @@ class MainStage(Stage):
 
     def required_experts(self) -> list[str]:
         need = list(self.experts)
-        need += [self.ctx.cfg.target_sources[t] for t in self.main_cfg.tasks if t != "caption"]
+        need += [self.ctx.cfg.target_sources[t] for t in self.main_cfg.tasks if reads_outputs(t)]
         return list(dict.fromkeys(need))
 
     # -- model --------------------------------------------------------------------------------------
@@ -279,7 +280,4 @@ class MainStage(Stage):
         return None
 
 
-# The stage each task belongs to, inverted: used by eval/report to label things the paper's way.
-TASK_STAGE = {t: s for s, t in STAGE_TASK.items()}
-
-STAGES.register("main", MainStage, help="main: MoE router + adapters over all aligned experts, MoCo (Eq. 5-11)")
+STAGES.register(MAIN, MainStage, help="main: MoE router + adapters over all aligned experts, MoCo (Eq. 5-11)")

@@ -40,11 +40,12 @@ import torch
 from torch import nn
 
 from astrea.registry import Registry
-from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, expand, reads_outputs, stage
+from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import AstreaModel
 from astrea.train.targets import TargetOptions, TargetStats
-from astrea.train.templates import STAGE_TASK, Rendered, render
+from astrea.train.templates import Rendered, render
 
 
 @dataclass
@@ -140,7 +141,7 @@ def llm_trainable_modules(model: AstreaModel) -> list[nn.Module]:
 class AlignStage(Stage):
     """One pre-alignment stage (paper 3.1): train the projector + residual attention of its expert(s).
 
-    ``caption|classification|detection|segmentation`` each train the expert ``cfg.stage_experts[name]``;
+    Each stage of the stage table (astrea.schemas.stages) trains the expert ``cfg.stage_experts[name]``;
     ``all`` (Tab. 6 "Cap->All") trains every pre-alignment expert no earlier stage trained, at once,
     their aligned tokens concatenated. Targets are cumulative over the run's stage order. The residual
     context C_i of a trained expert is the frozen projector output of every expert trained earlier.
@@ -150,10 +151,10 @@ class AlignStage(Stage):
         super().__init__(ctx)
         before = ctx.order[: ctx.index]
         self._earlier_experts = _experts_of(before, ctx.cfg)
-        if ctx.name == "all":
+        if ctx.name == ALL:
             self._experts = [e for e in _experts_of(list(PRE_ALIGNMENT_STAGES), ctx.cfg) if e not in self._earlier_experts]
             if not self._experts:
-                raise TrainError("stage 'all' comes after every pre-alignment stage: nothing left to train")
+                raise TrainError(f"stage {ALL!r} comes after every pre-alignment stage: nothing left to train")
         else:
             self._experts = _experts_of([ctx.name], ctx.cfg)
         self._tasks = _tasks_of(ctx.order[: ctx.index + 1])
@@ -171,7 +172,7 @@ class AlignStage(Stage):
 
     def required_experts(self) -> list[str]:
         need = list(self._experts) + self.context_experts
-        need += [self.ctx.cfg.target_sources[t] for t in self._tasks if t != "caption"]
+        need += [self.ctx.cfg.target_sources[t] for t in self._tasks if reads_outputs(t)]
         return list(dict.fromkeys(need))
 
     def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:
@@ -207,29 +208,19 @@ class AlignStage(Stage):
 
 
 def _experts_of(stages: list[str], cfg: TrainConfig) -> list[str]:
-    out = []
-    for s in stages:
-        if s == "all":
-            out += [cfg.stage_experts[p] for p in PRE_ALIGNMENT_STAGES if cfg.stage_experts[p] not in out]
-        elif s in PRE_ALIGNMENT_STAGES:
-            out.append(cfg.stage_experts[s])
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(cfg.stage_experts[s] for s in expand(stages)))
 
 
 def _tasks_of(stages: list[str]) -> list[str]:
-    out: list[str] = []
-    for s in stages:
-        new = [STAGE_TASK[p] for p in PRE_ALIGNMENT_STAGES] if s == "all" else [STAGE_TASK.get(s)]
-        out += [t for t in new if t and t not in out]
-    return out
+    return list(dict.fromkeys(stage(s).task for s in expand(stages)))
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")
-for _name in (*PRE_ALIGNMENT_STAGES, "all"):
+for _name in (*PRE_ALIGNMENT_STAGES, ALL):
     STAGES.register(_name, AlignStage, help=f"pre-alignment: {_name}")
 
 # Plug-in stages living in their own module; importing it registers the name.
-_PLUGINS = {"main": "astrea.train.main_stage"}
+_PLUGINS = {MAIN: "astrea.train.main_stage"}
 
 
 def stage_class(name: str) -> type[Stage]:

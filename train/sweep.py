@@ -37,7 +37,8 @@ from typing import Any
 import yaml
 
 from astrea.errors import AstreaError
-from astrea.train.config import PRE_ALIGNMENT_STAGES, SHORTHANDS as ABLATIONS, TrainConfig, shorthand_overrides
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS
+from astrea.train.config import SHORTHANDS as ABLATIONS, TrainConfig, shorthand_overrides
 from astrea.train.errors import TrainError
 
 # the ablation shorthands (top_k, no_moco, no_residual) are the `astrea train` flags' table
@@ -145,7 +146,7 @@ def variant_config(spec: SweepSpec, v: Variant) -> TrainConfig:
 
 
 def stage_order(base: list[str], order: Any, name: str) -> list[str]:
-    tail = ["main"] if "main" in base else []
+    tail = [MAIN] if MAIN in base else []
     pre = [s for s in base if s in PRE_ALIGNMENT_STAGES] or list(PRE_ALIGNMENT_STAGES)
     if isinstance(order, list):
         return [str(x) for x in order]
@@ -154,15 +155,15 @@ def stage_order(base: list[str], order: Any, name: str) -> list[str]:
     if order == "reversed":
         return pre[::-1] + tail
     if order in ("all-at-once", "cap-all"):  # Tab. 6 "Cap->All": caption first, then the rest at once
-        return ["caption", "all"] + tail
+        return [PRE_ALIGNMENT_STAGES[0], ALL] + tail
     raise TrainError(f"variant {name}: stage_order={order!r} is not valid; use one of {list(ORDERS)} or a list of stages")
 
 
 # -- the table --------------------------------------------------------------------------------------
 COLUMNS = [
     ("variant", "variant"), ("changes", "changes"), ("status", "status"),
-    ("L_reg main", "lreg_main"), ("L_reg caption", "lreg_caption"), ("L_reg tags", "lreg_tags"),
-    ("L_reg boxes", "lreg_boxes"), ("L_reg masks", "lreg_masks"), ("L_reg last pre-align", "lreg_prealign"),
+    ("L_reg main", "lreg_main"), *((f"L_reg {t}", f"lreg_{t}") for t in TASKS),
+    ("L_reg last pre-align", "lreg_prealign"),
     ("i2t R@1", "i2t_r1"), ("i2t R@5", "i2t_r5"), ("t2i R@1", "t2i_r1"), ("t2i R@5", "t2i_r5"),
     ("router entropy", "entropy"), ("load balance", "load_balance"),
 ]
@@ -174,7 +175,7 @@ def table_row(v: Variant, status: str, m: dict[str, Any] | None) -> dict[str, An
         return row
     h = m.get("heldout", {})
     row["lreg_main"] = h.get("main_mean")
-    for t in ("caption", "tags", "boxes", "masks"):
+    for t in TASKS:
         row[f"lreg_{t}"] = h.get("main", {}).get(t)
     stages = h.get("stages", {})
     row["lreg_prealign"] = list(stages.values())[-1] if stages else None

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from astrea.schemas.stages import PRE_ALIGNMENT, TASKS, reads_outputs
 from astrea.train.targets import (
     NONE,
     TargetOptions,
@@ -33,10 +34,8 @@ from astrea.train.targets import (
     tags_items,
 )
 
-TASKS = ("caption", "tags", "boxes", "masks")
-# The stage each task belongs to, and the word the instruction uses for it (the paper's wording).
-STAGE_TASK = {"caption": "caption", "classification": "tags", "detection": "boxes", "segmentation": "masks"}
-TASK_WORD = {"caption": "caption", "tags": "recognition", "boxes": "detection", "masks": "segmentation"}
+# The tasks (in stage order) and the word the instruction uses for each: the stage table's.
+TASK_WORD = {s.task: s.instruction for s in PRE_ALIGNMENT}
 SEPARATOR = {"caption": "", "tags": ", ", "boxes": "; ", "masks": "; "}
 
 PROMPT = "Instruction: {tasks}.\nAnswer:\n"
@@ -120,11 +119,11 @@ def _task_items(
     sample: dict[str, Any], task: str, sources: dict[str, str], opts: TargetOptions, stats: TargetStats
 ) -> list[str] | None:
     """The task's items; [] renders as ``none``; None: the task has no line for this sample."""
-    if task == "caption":
-        c = caption_text(sample.get("caption"))
-        return None if c is None else [c]
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+    if not reads_outputs(task):  # the caption: the dataset's own text
+        c = caption_text(sample.get("caption"))
+        return None if c is None else [c]
     expert = sources[task]
     rec = sample.get("experts", {}).get(expert)
     outputs = rec.get("outputs") if isinstance(rec, dict) else None

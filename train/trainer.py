@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from astrea.schemas.stages import TASKS
 from astrea.train.checkpoint import CheckpointDir, load_optimizer, save_tensors, set_rng_state, write_checkpoint
 from astrea.train.config import TrainConfig
 from astrea.train.data import (
@@ -37,7 +38,6 @@ from astrea.train.errors import TrainError
 from astrea.train.metrics import Metrics
 from astrea.train.model import AstreaModel
 from astrea.train.stages import Stage
-from astrea.train.templates import TASKS
 
 log = logging.getLogger(__name__)
 

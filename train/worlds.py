@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from astrea.schemas import ExpertSpec
+from astrea.schemas.stages import EXPERT_ORDER, PRE_ALIGNMENT
 
 WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-EXPERTS = ("siglip", "ram_plus", "grounding_dino", "sam2")  # caption, classification, detection, segmentation
-TASK_EXPERT = {"caption": "siglip", "tags": "ram_plus", "boxes": "grounding_dino", "masks": "sam2"}
+EXPERTS = EXPERT_ORDER  # the stage table's: caption, classification, detection, segmentation
+TASK_EXPERT = {s.task: s.expert for s in PRE_ALIGNMENT}
 BOX = [0.25, 0.25, 0.75, 0.75]
 
 
@@ -96,8 +97,8 @@ def routing_world(root: str | Path, *, images: int = 480, grid: int = 2, dim: in
     specs = {e: _spec(e, grid, dim, "routing", seed) for e in EXPERTS}
     _write(Path(root), dataset, specs, rows, per_unit)
     return World(Path(root), dataset, images, EXPERTS,
-                 "each task's answer is carried by one expert: caption->siglip, tags->ram_plus, "
-                 "boxes->grounding_dino, masks->sam2")
+                 "each task's answer is carried by one expert: "
+                 + ", ".join(f"{t}->{e}" for t, e in TASK_EXPERT.items()))
 
 
 def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: int = 16, noise: float = 0.2,
@@ -111,6 +112,7 @@ def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: i
     "object in cell r c" instead: the earlier expert's "where" is then also a line of the cumulative target
     (the paper's anti-forgetting use), and a model can lower the loss by passing "where" through without
     ever reading the colour there (measured in docs/train.md)."""
+    cap, cls = EXPERT_ORDER[:2]  # the caption and the classification stage's experts
     rng = np.random.default_rng(seed)
     p = grid * grid
     pos = rng.normal(size=(p, dim))  # positional code: real experts' tokens know where they are
@@ -127,13 +129,13 @@ def residual_world(root: str | Path, *, images: int = 480, grid: int = 3, dim: i
         word = WORDS[int(cells[obj])]
         rows.append({
             "key": f"s{i:06d}", "caption": f"object in {names[obj]}" if where_in_caption else "an object",
-            "tokens": {"siglip": sig, "ram_plus": ram},
+            "tokens": {cap: sig, cls: ram},
             # the answer key, for diagnostics (where the attention should look); no target reads it
-            "outputs": {"ram_plus": {"tags": [word], "scores": [0.9]}, "siglip": {"world_object_cell": obj}},
+            "outputs": {cls: {"tags": [word], "scores": [0.9]}, cap: {"world_object_cell": obj}},
         })
-    specs = {e: _spec(e, grid, dim, "residual", seed) for e in ("siglip", "ram_plus")}
+    specs = {e: _spec(e, grid, dim, "residual", seed) for e in (cap, cls)}
     _write(Path(root), dataset, specs, rows, per_unit)
-    return World(Path(root), dataset, images, ("siglip", "ram_plus"),
+    return World(Path(root), dataset, images, (cap, cls),
                  "the classification target is the colour of the cell the caption expert points at"
                  + ("; the caption says which cell" if where_in_caption else ""))
 

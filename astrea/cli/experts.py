@@ -19,7 +19,8 @@ def bytes_per_image(token_dim: int, pooled_dim: int, grid: int, dtype: str) -> i
 
 def expert_rows(grid: int, dtype: str) -> list[dict[str, Any]]:
     """One row per (expert, variant), read from the modules' VARIANTS tables (no model is built)."""
-    from astrea.extract.experts.registry import EXPERT_ORDER, EXPERTS, STAGE_OF_EXPERT, expert_module
+    from astrea.extract.experts.registry import EXPERTS, expert_module
+    from astrea.schemas.stages import EXPERT_ORDER, STAGE_OF_EXPERT
 
     rows: list[dict[str, Any]] = []
     names = [*EXPERT_ORDER, *(n for n in EXPERTS.names() if n not in EXPERT_ORDER)]

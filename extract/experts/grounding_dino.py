@@ -53,6 +53,7 @@ from astrea.extract.experts.common import resample_grid, to_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.weights import choose, files_sha256, from_pretrained_strict, seeded, snapshot_dir, weight_files
 from astrea.schemas.expert_spec import canonical_json
+from astrea.schemas.stages import expert_prerequisites
 
 NAME = "grounding_dino"
 
@@ -396,7 +397,7 @@ class GroundingDinoPreprocessor:
 
 class GroundingDinoExpert(Expert):
     name = NAME
-    prerequisites = ("ram_plus",)
+    prerequisites = expert_prerequisites(NAME)  # the stage table: classification's tags prompt detection
 
     def __init__(
         self, cfg: ExpertConfig, arch_name: str, model: Any, processor: Any, tokenizer_desc: dict[str, Any],

@@ -13,16 +13,7 @@ from astrea.registry import Registry, UnknownNameError, check_choice
 from astrea.schemas import FORMATS, STORAGE_DTYPES
 from astrea.schemas.expert_spec import CODECS
 
-# Coarse -> fine: the paper's stage order (caption, classification, detection, segmentation).
-EXPERT_ORDER = ("siglip", "ram_plus", "grounding_dino", "sam2")
-STAGE_OF_EXPERT = {
-    "siglip": "caption",
-    "ram_plus": "classification",
-    "grounding_dino": "detection",
-    "sam2": "segmentation",
-    "sam": "segmentation",  # Tab. 5 alternative; not in EXPERT_ORDER, so `--expert all` stays the four
-}
-
+# Which stage each expert serves, their order and prerequisites: astrea.schemas.stages (the stage table).
 EXPERTS: Registry[Any] = Registry("expert")
 EXPERTS.register("siglip", "astrea.extract.experts.siglip", "SigLIP / CLIP / EVA-CLIP / DINOv2 (open_clip): global tokens")
 EXPERTS.register("ram_plus", "astrea.extract.experts.ram_plus", "RAM++ Swin + 4585-tag head: tags")

@@ -34,10 +34,11 @@ from astrea.extract.experts.common import ensure_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.sam_family import EMBED_DIM, MaskOptions, PromptedMaskExpert, variants
 from astrea.extract.experts.weights import choose, files_sha256, from_pretrained_strict, seeded, snapshot_dir, weight_files
+from astrea.schemas.stages import expert_prerequisites
 
 NAME = "sam"
 MASK_THRESHOLD = 0.0  # post_process_masks' default: logits > 0 are foreground
-PREREQUISITES = ("grounding_dino",)  # read by extract.run: extract detector boxes first
+PREREQUISITES = expert_prerequisites(NAME)  # the stage table's (detection's boxes prompt segmentation)
 
 
 @dataclass(frozen=True)

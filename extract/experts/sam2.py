@@ -31,6 +31,7 @@ from astrea.extract.experts.common import ensure_rgb
 from astrea.extract.experts.registry import ExpertConfig, Variant
 from astrea.extract.experts.sam_family import EMBED_DIM, MaskOptions, PromptedMaskExpert, variants
 from astrea.extract.experts.weights import Weights, choose, files_sha256, load_state_dict_strict, resolve_file, seeded
+from astrea.schemas.stages import expert_prerequisites
 
 NAME = "sam2"
 _MEAN = [0.485, 0.456, 0.406]  # sam2.utils.transforms.SAM2Transforms
@@ -173,6 +174,7 @@ def apply_preprocessing(image: Any, image_size: int):
 
 class Sam2Expert(PromptedMaskExpert):
     name = NAME
+    prerequisites = expert_prerequisites(NAME)  # the stage table: detection's boxes prompt segmentation
 
     def __init__(self, cfg: ExpertConfig, arch_name: str, model: Any, prerequisites: dict[str, str], *,
                  weights_file_sha256: str = "") -> None:

@@ -135,11 +135,10 @@ class PromptedMaskExpert(Expert):
     """``forward`` of a SAM-family expert: one embedding pass for the batch, then per image either the
     detector's boxes (``prompts[i]["grounding_dino"]``) or the point grid as prompts.
 
-    Subclasses set ``name``, ``cfg``, ``opts``, ``model``, ``image_size``, ``compute_dtype`` and implement
-    ``_embed`` (batch -> embedding and per-image decoder context), ``_decode_boxes`` and
-    ``_decode_points`` (prompts -> bool masks [N, h, w] and scores [N])."""
+    Subclasses set ``name``, ``prerequisites`` (the stage table's), ``cfg``, ``opts``, ``model``,
+    ``image_size``, ``compute_dtype`` and implement ``_embed`` (batch -> embedding and per-image decoder
+    context), ``_decode_boxes`` and ``_decode_points`` (prompts -> bool masks [N, h, w] and scores [N])."""
 
-    prerequisites = ("grounding_dino",)
     device: str = "cpu"
 
     # -- what each library does its own way

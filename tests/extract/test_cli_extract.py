@@ -40,7 +40,8 @@ def test_extract_user_errors_exit_2_with_one_line():
 
 
 def test_experts_ls_table_and_json():
-    from astrea.extract.experts.registry import EXPERT_ORDER, variants
+    from astrea.extract.experts.registry import variants
+    from astrea.schemas.stages import EXPERT_ORDER
 
     res = runner.invoke(app, ["experts", "ls"])
     assert res.exit_code == 0, res.output

@@ -15,7 +15,8 @@ from PIL import Image
 from astrea.schemas import mask_rle as rle
 from astrea.extract.experts import sam as sam_expert
 from astrea.extract.experts.base import WeightsUnavailableError, state_dict_sha256
-from astrea.extract.experts.registry import STAGE_OF_EXPERT, ExpertConfig
+from astrea.extract.experts.registry import ExpertConfig
+from astrea.schemas.stages import STAGE_OF_EXPERT
 from astrea.extract.experts.sam_family import MaskOptions, greedy_mask_nms
 
 SMALL = sam_expert.DEFAULT_SMALL
@@ -57,7 +58,8 @@ def _sharing(expert, **cfg):
 
 
 def test_registered_as_segmentation_alternative():
-    from astrea.extract.experts.registry import EXPERT_ORDER, EXPERTS, variants
+    from astrea.extract.experts.registry import EXPERTS, variants
+    from astrea.schemas.stages import EXPERT_ORDER
 
     assert "sam" in EXPERTS.names() and "sam" not in EXPERT_ORDER and STAGE_OF_EXPERT["sam"] == "segmentation"
     v = variants("sam")
