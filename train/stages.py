@@ -28,11 +28,15 @@ that module on first use). Its ``build`` adds the router/adapters/MoCo to ``mode
 initialises adapters from ``model.projectors``; ``visual_tokens`` mixes all experts' aligned tokens;
 ``render`` may pick a task per sample; ``extra_losses`` returns the MoCo term. Its options are the typed
 sections ``cfg.moe``, ``cfg.moco`` and ``cfg.main`` of the train config.
+
+Eval (``astrea.train.eval``) reads a stage through the methods of the "what evaluation reads" section
+(``routing``, ``routing_probs``, ``residual_entropy``, ``retrieval_embeddings``, ...), never its class.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +48,15 @@ from astrea.train.config import PRE_ALIGNMENT_STAGES, TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import AstreaModel
 from astrea.train.targets import TargetOptions, TargetStats
-from astrea.train.templates import STAGE_TASK, Rendered, render
+from astrea.train.templates import STAGE_TASK, TASKS, Rendered, render
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a routing stage tells eval: the experts its router mixes (in router order) and its top-k."""
+
+    experts: list[str]
+    top_k: int
 
 
 @dataclass
@@ -118,6 +130,43 @@ class Stage:
     def text_renders(self) -> list[Any]:
         """Render functions whose texts this stage trains on (the LLM's text-only warm-up reads them)."""
         return [self.render]
+
+    def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
+        """A render function that always asks ``task`` alone (held-out evaluation per task type)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+        return lambda sample: render(sample, [task], self.ctx.cfg.target_sources, self.ctx.target_options(),
+                                     self.ctx.stats)
+
+    # -- what evaluation reads (astrea.train.eval uses only these and the methods above) -------------
+    def routing(self) -> Routing | None:
+        """The experts a router mixes and its k (None: the stage does not route; eval then scores the
+        stage's own target; a routing stage is scored per task type, with routing and retrieval)."""
+        return None
+
+    def routing_probs(self) -> torch.Tensor | None:
+        """Routing probabilities [B, P, n_experts] of the latest ``visual_tokens`` call (routing stages)."""
+        return None
+
+    @property
+    def context_experts(self) -> list[str]:
+        """Experts whose aligned tokens are the residual context of the experts this stage trains."""
+        return []
+
+    def residual_entropy(self, model: AstreaModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per trained expert, the per-sample mean entropy of its residual attention rows [B] ({}: none)."""
+        return {}
+
+    def has_retrieval(self, model: AstreaModel) -> bool:
+        """Whether the stage trained image/text embeddings that image-text retrieval can rank."""
+        return False
+
+    def retrieval_embeddings(
+        self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        """(image, text) embeddings of the batch's captioned samples and their captions (None: no
+        captioned sample, or no embeddings); ``visual`` is this batch's ``visual_tokens``."""
+        return None
 
     # -- non-module state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
