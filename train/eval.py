@@ -43,6 +43,7 @@ from astrea.train.errors import TrainError
 
 from astrea.train.labels import IGNORE
 from astrea.train.loaded_run import LoadedRun, load_run  # noqa: F401 - load_run: part of this module's API
+from astrea.train.stages import Routing, Stage
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"
@@ -237,48 +238,57 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
     """Compute the metrics, write RUN/eval.json and RUN/eval.md, and return the metrics."""
-    from astrea.train.data import Collator, StoreReadLog, store_opener, with_permuted_features
     from astrea.train.metrics import dumps_strict
-    from astrea.train.main_stage import MainStage
-    from astrea.train.moe import RoutingStats
 
     ecfg.validate()
     lr = load_run(ecfg.run, device=ecfg.device, store=ecfg.store, weights=ecfg.weights,
                   residual_at_eval=ecfg.residual_at_eval)
-    cfg, model = lr.cfg, lr.model
-    frac = cfg.dataset.heldout_fraction
+    frac = lr.cfg.dataset.heldout_fraction
     if frac <= 0:
         raise TrainError(f"the run has dataset.heldout_fraction={frac}: it kept no held-out images to evaluate on")
+    held, store_log = _heldout(lr, ecfg.max_samples)
+    out = _report_skeleton(lr, ecfg, store_log.to_dict())
+    scorer = _Scorer(lr, held, ecfg.batch_size)
+    for stage in lr.stages:
+        if stage.routing() is None:  # a routing stage is scored per task type below
+            _score_stage(stage, scorer, out)
+    main = next((s for s in lr.stages if s.routing() is not None), None)
+    if main is None:
+        out["notes"].append("the run has no main stage: no routing or retrieval metrics")
+    else:
+        _score_routing_stage(main, main.routing(), scorer, out)
+    if ecfg.instructions:
+        if main is None:
+            raise TrainError("eval --instructions: the run has no main stage (instruction data trains the main stage)")
+        out["instructions"] = instruction_metrics(lr, main, held, ecfg)
+    _targets_and_notes(out, lr, scorer.collators)
+    run_dir = Path(ecfg.run)
+    (run_dir / EVAL_JSON).write_text(dumps_strict(out))
+    (run_dir / EVAL_MD).write_text(eval_markdown(out))
+    return out
 
-    # One pass over the store collects the held-out records with every expert any stage reads; each stage
-    # and task then collates them from memory (8 passes over a large store would read it 8 times).
+
+def _heldout(lr: LoadedRun, max_samples: int) -> tuple[list[dict[str, Any]], Any]:
+    """One pass over the store collects the held-out records with every expert any stage reads; each
+    stage and task then collates them from memory (8 passes over a large store would read it 8 times)."""
+    from astrea.train.data import StoreReadLog, store_opener
+
+    cfg = lr.cfg
     union = list(dict.fromkeys(e for s in lr.stages for e in s.required_experts()))
     store_log = StoreReadLog(skip_damaged=cfg.dataset.skip_damaged)
-    held = heldout_records(store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1, log=store_log),
-                           frac, ecfg.max_samples)
+    opener = store_opener(cfg.store, cfg.data, union, seed=cfg.seed, rank=0, world_size=1, log=store_log)
+    return heldout_records(opener, cfg.dataset.heldout_fraction, max_samples), store_log
 
-    collators: dict[str, Collator] = {}
 
-    def scored(stage, render, name):
-        collate = Collator(render, model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens,
-                           fit_targets=cfg.dataset.fit_targets)
-        collators[name] = collate
-        for i in range(0, len(held), ecfg.batch_size):
-            b = collate(held[i : i + ecfg.batch_size])
-            if b is not None:
-                yield b
-
-    def lreg(stage, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        visual = stage.visual_tokens(model, batch)
-        loss, n = model.lm_loss(visual, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return loss, n, visual
-
-    out: dict[str, Any] = {
+def _report_skeleton(lr: LoadedRun, ecfg: EvalConfig, store: dict[str, Any]) -> dict[str, Any]:
+    """eval.json's keys, in their order, before anything is scored (see the module doc)."""
+    cfg = lr.cfg
+    return {
         "run": str(lr.cfg.out or ecfg.run),
         "weights": lr.weights,
         "llm": lr.info.get("llm", {"source": cfg.llm.name}),
         "experts_random_weights": lr.info.get("experts_random_weights", {}),
-        "heldout_fraction": frac,
+        "heldout_fraction": cfg.dataset.heldout_fraction,
         "heldout": {"stages": {}, "lines": {}, "main": {}, "main_mean": None, "samples": {}},
         "heldout_permuted": {"stages": {}, "lines": {}, "main": {}, "main_mean": None, "samples": {}},
         "residual_at_eval": cfg.residual.at_eval,
@@ -289,97 +299,136 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
         # per task (content lost) and whole items dropped to fit (data.Collator.counts)
         "targets": {},
         "notes": [],
-        "store": store_log.to_dict(),
+        "store": store,
     }
-    # The control beside every held-out number: the same texts, each image's features replaced by another
-    # held-out image's (a derangement). A model that ignores the image scores the same on both.
-    for stage in lr.stages:
-        if isinstance(stage, MainStage):
-            continue
-        bs = list(scored(stage, stage.render, stage.name))
-        n_tokens = collators[stage.name].n_tokens
-        ent: dict[str, list[torch.Tensor]] = {}
-        for part, batches_ in (("heldout", bs), ("heldout_permuted", with_permuted_features(bs, seed=cfg.seed))):
-            acc, lines = _LossSum(), _LineNats()
-            for b in batches_:
-                b = _to_device(b, lr.device)
-                tl = model.token_losses(stage.visual_tokens(model, b), b["input_ids"], b["attention_mask"], b["labels"])
-                n = (b["labels"] != IGNORE).sum()
-                acc.add(tl.sum() / n.clamp(min=1), n, len(b["keys"]))
-                lines.add(tl, b["labels"], b["targets"], n_tokens)
-                if part == "heldout" and hasattr(stage, "residual_entropy"):
-                    for e, v in stage.residual_entropy(model, b).items():
-                        ent.setdefault(e, []).append(v.float().cpu())
-            out[part]["stages"][stage.name] = acc.value()
-            out[part]["samples"][stage.name] = acc.samples
-            out[part]["lines"][stage.name] = lines.value()
-        if ent:
-            out["residual_attention"][stage.name] = {
-                e: _entropy_summary(torch.cat(v), held, e, getattr(stage, "context_experts", [])) for e, v in ent.items()
-            }
 
-    main = next((s for s in lr.stages if isinstance(s, MainStage)), None)
-    if main is None:
-        out["notes"].append("the run has no main stage: no routing or retrieval metrics")
-    else:
-        names = list(main.experts)
-        per_task = {t: RoutingStats(len(names), main.moe_cfg.top_k) for t in main.main_cfg.tasks}
-        total, total_perm = _LossSum(), _LossSum()
-        q_v, q_t, caps = [], [], []
-        moco = model.extras["moco"] if "moco" in model.extras else None
-        for task in main.main_cfg.tasks:
-            bs = list(scored(main, main.render_task(task), f"main/{task}"))
-            acc = _LossSum()
-            for b in bs:
-                b = _to_device(b, lr.device)
-                loss, n, visual = lreg(main, b)
-                acc.add(loss, n, len(b["keys"]))
-                total.add(loss, n, len(b["keys"]))
-                per_task[task].add(main.last_output.probs)
-                if task == "caption" and moco is not None:
-                    rows = main.caption_rows(b)
-                    if rows:
-                        idx = torch.tensor(rows, device=lr.device)
-                        text = main.text_features(model, [b["captions"][i] for i in rows], lr.device)
-                        v, t = moco.embed(visual.float().mean(1).index_select(0, idx), text)
-                        q_v.append(v.cpu())
-                        q_t.append(t.cpu())
-                        caps += [b["captions"][i] for i in rows]
-            out["heldout"]["main"][task] = acc.value()
-            out["heldout"]["samples"][f"main/{task}"] = acc.samples
-            acc = _LossSum()
-            for b in with_permuted_features(bs, seed=cfg.seed):
-                b = _to_device(b, lr.device)
-                loss, n, _ = lreg(main, b)
-                acc.add(loss, n, len(b["keys"]))
-                total_perm.add(loss, n, len(b["keys"]))
-            out["heldout_permuted"]["main"][task] = acc.value()
-            out["heldout_permuted"]["samples"][f"main/{task}"] = acc.samples
-        out["heldout_permuted"]["main_mean"] = total_perm.value()
-        out["heldout"]["main_mean"] = total.value()
-        overall = RoutingStats(len(names), main.moe_cfg.top_k)
-        for st in per_task.values():
-            overall.tokens += st.tokens
-            overall.mass += st.mass
-            overall.selected += st.selected
-            overall.entropy += st.entropy
-        out["routing"] = {
-            "experts": names,
-            "top_k": main.moe_cfg.top_k,
-            "overall": overall.summary(),
-            "per_task": {t: st.summary() for t, st in per_task.items()},
+
+class _Scorer:
+    """The held-out records collated for one (stage, render) from memory, and L_reg of a batch; keeps
+    each collator by name (its counts of cut targets go to eval.json)."""
+
+    def __init__(self, lr: LoadedRun, held: list[dict[str, Any]], batch_size: int) -> None:
+        self.lr, self.cfg, self.model, self.held, self.batch_size = lr, lr.cfg, lr.model, held, batch_size
+        self.collators: dict[str, Any] = {}
+
+    def batches(self, stage: Stage, render: Any, name: str) -> list[dict[str, Any]]:
+        from astrea.train.data import Collator
+
+        cfg = self.cfg
+        collate = Collator(render, self.model.tokenizer, stage.required_experts(), cfg.dataset.max_text_tokens,
+                           fit_targets=cfg.dataset.fit_targets)
+        self.collators[name] = collate
+        out = []
+        for i in range(0, len(self.held), self.batch_size):
+            b = collate(self.held[i : i + self.batch_size])
+            if b is not None:
+                out.append(b)
+        return out
+
+    def permuted(self, bs: list[dict[str, Any]]) -> Any:
+        """The control: the same texts, each image's features replaced by another held-out image's (a
+        derangement). A model that ignores the image scores the same on both."""
+        from astrea.train.data import with_permuted_features
+
+        return with_permuted_features(bs, seed=self.cfg.seed)
+
+    def lreg(self, stage: Stage, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        visual = stage.visual_tokens(self.model, batch)
+        loss, n = self.model.lm_loss(visual, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return loss, n, visual
+
+
+def _score_stage(stage: Stage, sc: _Scorer, out: dict[str, Any]) -> None:
+    """A non-routing (pre-alignment) stage: L_reg and nats per target line on its own cumulative target,
+    true and permuted images, and the entropy of its residual attention."""
+    model, device = sc.model, sc.lr.device
+    bs = sc.batches(stage, stage.render, stage.name)
+    n_tokens = sc.collators[stage.name].n_tokens
+    ent: dict[str, list[torch.Tensor]] = {}
+    for part, batches_ in (("heldout", bs), ("heldout_permuted", sc.permuted(bs))):
+        acc, lines = _LossSum(), _LineNats()
+        for b in batches_:
+            b = _to_device(b, device)
+            tl = model.token_losses(stage.visual_tokens(model, b), b["input_ids"], b["attention_mask"], b["labels"])
+            n = (b["labels"] != IGNORE).sum()
+            acc.add(tl.sum() / n.clamp(min=1), n, len(b["keys"]))
+            lines.add(tl, b["labels"], b["targets"], n_tokens)
+            if part == "heldout":
+                for e, v in stage.residual_entropy(model, b).items():
+                    ent.setdefault(e, []).append(v.float().cpu())
+        out[part]["stages"][stage.name] = acc.value()
+        out[part]["samples"][stage.name] = acc.samples
+        out[part]["lines"][stage.name] = lines.value()
+    if ent:
+        out["residual_attention"][stage.name] = {
+            e: _entropy_summary(torch.cat(v), sc.held, e, stage.context_experts) for e, v in ent.items()
         }
-        if moco is None:
-            out["notes"].append("trained with moco.enabled: false (--no-moco): no MoCo embeddings, "
-                                "no retrieval metrics")
-        elif q_v and sum(len(x) for x in q_v) >= 2:
-            out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
-        else:
-            out["notes"].append("fewer than 2 held-out images with a caption: no retrieval metrics")
-    if ecfg.instructions:
-        if main is None:
-            raise TrainError("eval --instructions: the run has no main stage (instruction data trains the main stage)")
-        out["instructions"] = instruction_metrics(lr, main, held, ecfg)
+
+
+def _score_routing_stage(main: Stage, routing: Routing, sc: _Scorer, out: dict[str, Any]) -> None:
+    """The routing (main) stage: every held-out image asked each task alone; L_reg per task, true and
+    permuted images, routing statistics per task, and image-text retrieval on the caption task."""
+    from astrea.train.moe import RoutingStats
+
+    per_task = {t: RoutingStats(len(routing.experts), routing.top_k) for t in main.tasks()}
+    total, total_perm = _LossSum(), _LossSum()
+    q_v, q_t, caps = [], [], []
+    for task in main.tasks():
+        bs = sc.batches(main, main.render_task(task), f"main/{task}")
+        acc = _LossSum()
+        for b in bs:
+            b = _to_device(b, sc.lr.device)
+            loss, n, visual = sc.lreg(main, b)
+            acc.add(loss, n, len(b["keys"]))
+            total.add(loss, n, len(b["keys"]))
+            per_task[task].add(main.routing_probs())
+            pairs = main.retrieval_embeddings(sc.model, b, visual) if task == "caption" else None
+            if pairs is not None:
+                q_v.append(pairs[0].cpu())
+                q_t.append(pairs[1].cpu())
+                caps += pairs[2]
+        out["heldout"]["main"][task] = acc.value()
+        out["heldout"]["samples"][f"main/{task}"] = acc.samples
+        acc = _LossSum()
+        for b in sc.permuted(bs):
+            b = _to_device(b, sc.lr.device)
+            loss, n, _ = sc.lreg(main, b)
+            acc.add(loss, n, len(b["keys"]))
+            total_perm.add(loss, n, len(b["keys"]))
+        out["heldout_permuted"]["main"][task] = acc.value()
+        out["heldout_permuted"]["samples"][f"main/{task}"] = acc.samples
+    out["heldout_permuted"]["main_mean"] = total_perm.value()
+    out["heldout"]["main_mean"] = total.value()
+    out["routing"] = _routing_summary(routing.experts, routing.top_k, per_task)
+    if not main.has_retrieval(sc.model):
+        out["notes"].append("trained with moco.enabled: false (--no-moco): no MoCo embeddings, "
+                            "no retrieval metrics")
+    elif q_v and sum(len(x) for x in q_v) >= 2:
+        out["retrieval"] = retrieval_metrics(torch.cat(q_v), torch.cat(q_t), caps)
+    else:
+        out["notes"].append("fewer than 2 held-out images with a caption: no retrieval metrics")
+
+
+def _routing_summary(names: list[str], top_k: int, per_task: dict[str, Any]) -> dict[str, Any]:
+    from astrea.train.moe import RoutingStats
+
+    overall = RoutingStats(len(names), top_k)
+    for st in per_task.values():
+        overall.tokens += st.tokens
+        overall.mass += st.mass
+        overall.selected += st.selected
+        overall.entropy += st.entropy
+    return {
+        "experts": list(names),
+        "top_k": top_k,
+        "overall": overall.summary(),
+        "per_task": {t: st.summary() for t, st in per_task.items()},
+    }
+
+
+def _targets_and_notes(out: dict[str, Any], lr: LoadedRun, collators: dict[str, Any]) -> None:
+    """What max_text_tokens did to the held-out targets, and the notes that qualify every number."""
+    cfg = lr.cfg
     out["targets"] = {
         "max_text_tokens": cfg.dataset.max_text_tokens, "format": cfg.dataset.target_format,
         "fit_targets": cfg.dataset.fit_targets, "stages": {n: c.counts() for n, c in collators.items()},
@@ -395,14 +444,10 @@ def evaluate(ecfg: EvalConfig) -> dict[str, Any]:
             "RANDOM WEIGHTS: the LLM and/or the experts had random weights; these numbers test the pipeline, "
             "they say nothing about the method's quality"
         )
-    run_dir = Path(ecfg.run)
-    (run_dir / EVAL_JSON).write_text(dumps_strict(out))
-    (run_dir / EVAL_MD).write_text(eval_markdown(out))
-    return out
 
 
 @torch.no_grad()
-def instruction_metrics(lr: LoadedRun, main: Any, held: list[dict[str, Any]], ecfg: EvalConfig) -> dict[str, Any]:
+def instruction_metrics(lr: LoadedRun, main: Stage, held: list[dict[str, Any]], ecfg: EvalConfig) -> dict[str, Any]:
     """Answer accuracy and answer-token L_reg on the conversations about held-out images (module doc)."""
     from astrea.train.data import Collator, derangement, with_permuted_features
     from astrea.train.generate import GenerateOptions, generate
@@ -472,12 +517,23 @@ def _gain(true: Any, permuted: Any) -> float | None:
 
 
 def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
+    """eval.json as Markdown: one section per part of the metrics, in a fixed order, absent parts left out."""
     lines = [f"{heading} Evaluation of `{m['run']}`", ""]
     for note in m.get("notes", []):
         lines.append(f"> {note}")
     lines += ["", f"Weights: `{m['weights']}`; held-out fraction {m['heldout_fraction']}.", ""]
-    h = m["heldout"]
-    hp = m.get("heldout_permuted") or {"stages": {}, "main": {}, "main_mean": None}
+    for section in (_md_heldout_stages, _md_lines, _md_residual, _md_main, _md_targets, _md_retrieval,
+                    _md_instructions, _md_routing):
+        lines += section(m, heading)
+    return "\n".join(lines) + "\n"
+
+
+def _permuted(m: dict[str, Any]) -> dict[str, Any]:
+    return m.get("heldout_permuted") or {"stages": {}, "main": {}, "main_mean": None}
+
+
+def _md_heldout_stages(m: dict[str, Any], heading: str) -> list[str]:
+    h, hp, lines = m["heldout"], _permuted(m), []
     if h["stages"] or h["main"]:
         lines += [
             "Control: *permuted* scores the same held-out texts with each image's expert features replaced by "
@@ -490,96 +546,130 @@ def eval_markdown(m: dict[str, Any], *, heading: str = "#") -> str:
         lines += [f"| {s} | {_f(v)} | {_f(hp['stages'].get(s))} | {_f(_gain(v, hp['stages'].get(s)))} | "
                   f"{h['samples'].get(s, 0)} |" for s, v in h["stages"].items()]
         lines.append("")
-    if any(h.get("lines", {}).values()):
-        lines += [f"{heading}# Held-out nats per sample on each target line", "",
-                  "The loss of one answer line (`task: ...`), summed over its tokens, per sample: not diluted by "
-                  "constant text elsewhere in the target.", "",
-                  "| stage | line | nats/sample | permuted images | image gain |", "|---|---|---:|---:|---:|"]
-        for s_, per in h["lines"].items():
-            for t, v in per.items():
-                pv = (hp.get("lines") or {}).get(s_, {}).get(t)
-                lines.append(f"| {s_} | {t} | {_f(v)} | {_f(pv)} | {_f(_gain(v, pv))} |")
-        lines.append("")
-    ra = m.get("residual_attention") or {}
-    if ra:
-        lines += [f"{heading}# Residual attention on held-out images (at eval: {m.get('residual_at_eval', '-')})", "",
-                  "| stage | expert | context | entropy (nats) | log P (uniform) | entropy / log P | samples |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        for s_, per in ra.items():
-            for e, r in per.items():
-                ratio = r["entropy"] / r["log_P"] if r.get("entropy") is not None and r.get("log_P") else None
-                lines.append(f"| {s_} | {e} | {', '.join(r['context'])} | {_f(r['entropy'], '.3f')} | "
-                             f"{_f(r['log_P'], '.3f')} | {_f(ratio, '.3f')} | {r['samples']} |")
-        lines.append("")
-    if h["main"]:
-        lines += [f"{heading}# Main stage: held-out L_reg per task type", "",
-                  "| task | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {t} | {_f(v)} | {_f(hp['main'].get(t))} | {_f(_gain(v, hp['main'].get(t)))} | "
-                  f"{h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
-        lines += [f"| **all (token-weighted)** | {_f(h['main_mean'])} | {_f(hp.get('main_mean'))} | "
-                  f"{_f(_gain(h['main_mean'], hp.get('main_mean')))} | |", ""]
-    tg = m.get("targets") or {}
-    if tg.get("stages"):
-        lines += [
-            f"{heading}# Held-out targets vs max_text_tokens ({tg['max_text_tokens']}, {tg['format']} text)", "",
-            "| stage | targets | cut (content lost) per task | items dropped to fit per task |", "|---|---:|---|---|",
-        ]
-        for name, c in tg["stages"].items():
-            cut = ", ".join(f"{t} {v}" for t, v in c["cut_tasks"].items()) or "none"
-            dropped = ", ".join(f"{t} {v}" for t, v in c["dropped_items"].items()) or "none"
-            lines.append(f"| {name} | {c['targets']} | {cut} | {dropped} |")
-        lines.append("")
-    r = m.get("retrieval")
-    if r:
-        def row(name: str, d: dict[str, Any]) -> str:
-            return f"| {name} | {_f(d.get('R@1'), '.3f')} | {_f(d.get('R@5'), '.3f')} |"
+    return lines
 
-        uniq = r.get("unique_captions")
+
+def _md_lines(m: dict[str, Any], heading: str) -> list[str]:
+    h, hp = m["heldout"], _permuted(m)
+    if not any(h.get("lines", {}).values()):
+        return []
+    lines = [f"{heading}# Held-out nats per sample on each target line", "",
+             "The loss of one answer line (`task: ...`), summed over its tokens, per sample: not diluted by "
+             "constant text elsewhere in the target.", "",
+             "| stage | line | nats/sample | permuted images | image gain |", "|---|---|---:|---:|---:|"]
+    for s_, per in h["lines"].items():
+        for t, v in per.items():
+            pv = (hp.get("lines") or {}).get(s_, {}).get(t)
+            lines.append(f"| {s_} | {t} | {_f(v)} | {_f(pv)} | {_f(_gain(v, pv))} |")
+    return lines + [""]
+
+
+def _md_residual(m: dict[str, Any], heading: str) -> list[str]:
+    ra = m.get("residual_attention") or {}
+    if not ra:
+        return []
+    lines = [f"{heading}# Residual attention on held-out images (at eval: {m.get('residual_at_eval', '-')})", "",
+             "| stage | expert | context | entropy (nats) | log P (uniform) | entropy / log P | samples |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for s_, per in ra.items():
+        for e, r in per.items():
+            ratio = r["entropy"] / r["log_P"] if r.get("entropy") is not None and r.get("log_P") else None
+            lines.append(f"| {s_} | {e} | {', '.join(r['context'])} | {_f(r['entropy'], '.3f')} | "
+                         f"{_f(r['log_P'], '.3f')} | {_f(ratio, '.3f')} | {r['samples']} |")
+    return lines + [""]
+
+
+def _md_main(m: dict[str, Any], heading: str) -> list[str]:
+    h, hp = m["heldout"], _permuted(m)
+    if not h["main"]:
+        return []
+    lines = [f"{heading}# Main stage: held-out L_reg per task type", "",
+             "| task | L_reg | L_reg permuted images | image gain | images |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t} | {_f(v)} | {_f(hp['main'].get(t))} | {_f(_gain(v, hp['main'].get(t)))} | "
+              f"{h['samples'].get('main/' + t, 0)} |" for t, v in h["main"].items()]
+    return lines + [f"| **all (token-weighted)** | {_f(h['main_mean'])} | {_f(hp.get('main_mean'))} | "
+                    f"{_f(_gain(h['main_mean'], hp.get('main_mean')))} | |", ""]
+
+
+def _md_targets(m: dict[str, Any], heading: str) -> list[str]:
+    tg = m.get("targets") or {}
+    if not tg.get("stages"):
+        return []
+    lines = [
+        f"{heading}# Held-out targets vs max_text_tokens ({tg['max_text_tokens']}, {tg['format']} text)", "",
+        "| stage | targets | cut (content lost) per task | items dropped to fit per task |", "|---|---:|---|---|",
+    ]
+    for name, c in tg["stages"].items():
+        cut = ", ".join(f"{t} {v}" for t, v in c["cut_tasks"].items()) or "none"
+        dropped = ", ".join(f"{t} {v}" for t, v in c["dropped_items"].items()) or "none"
+        lines.append(f"| {name} | {c['targets']} | {cut} | {dropped} |")
+    return lines + [""]
+
+
+def _md_recall_row(name: str, d: dict[str, Any]) -> str:
+    return f"| {name} | {_f(d.get('R@1'), '.3f')} | {_f(d.get('R@5'), '.3f')} |"
+
+
+def _md_retrieval(m: dict[str, Any], heading: str) -> list[str]:
+    r = m.get("retrieval")
+    if not r:
+        return []
+    row = _md_recall_row
+    uniq = r.get("unique_captions")
+    lines = [
+        f"{heading}# Image-text retrieval (MoCo embeddings, gallery {r['gallery']}"
+        + (f", {uniq} unique captions" if uniq is not None else "") + ")", "",
+        "| direction | R@1 | R@5 |", "|---|---:|---:|",
+        row("image -> text", r["image_to_text"]), row("text -> image", r["text_to_image"]),
+        row("chance", r["chance"]), "",
+        "Any gallery item with the query's caption text is a match; a score tie with a different text "
+        "counts as a miss; chance accounts for repeated captions.", "",
+    ]
+    cl = r.get("class_level")
+    if cl:
         lines += [
-            f"{heading}# Image-text retrieval (MoCo embeddings, gallery {r['gallery']}"
-            + (f", {uniq} unique captions" if uniq is not None else "") + ")", "",
+            f"Class level (the {cl['classes']} unique captions ranked; images grouped by caption):", "",
             "| direction | R@1 | R@5 |", "|---|---:|---:|",
-            row("image -> text", r["image_to_text"]), row("text -> image", r["text_to_image"]),
-            row("chance", r["chance"]), "",
-            "Any gallery item with the query's caption text is a match; a score tie with a different text "
-            "counts as a miss; chance accounts for repeated captions.", "",
+            row("image -> caption", cl["image_to_text"]), row("caption -> image group", cl["text_to_image"]),
+            row("chance", cl["chance"]), "",
         ]
-        cl = r.get("class_level")
-        if cl:
-            lines += [
-                f"Class level (the {cl['classes']} unique captions ranked; images grouped by caption):", "",
-                "| direction | R@1 | R@5 |", "|---|---:|---:|",
-                row("image -> caption", cl["image_to_text"]), row("caption -> image group", cl["text_to_image"]),
-                row("chance", cl["chance"]), "",
-            ]
+    return lines
+
+
+def _md_instructions(m: dict[str, Any], heading: str) -> list[str]:
     ins = m.get("instructions")
-    if ins:
-        lines += [
-            f"{heading}# Instructions: held-out answers ({ins['answers']} answers in {ins['conversations']} "
-            f"conversations about {ins['images']} held-out images)", "",
-            "| | true images | permuted images |", "|---|---:|---:|",
-            f"| exact-match accuracy | {_f(ins['accuracy'], '.3f')} | {_f(ins['accuracy_permuted'], '.3f')} |",
-            f"| L_reg (answer tokens) | {_f(ins['lreg'])} | {_f(ins['lreg_permuted'])} |", "",
-            "Greedy answers, each turn given the true turns before it; exact match after lower-casing and removing "
-            "punctuation and articles. Permuted: the same conversation asked about another held-out image.", "",
-        ]
-        if ins.get("examples"):
-            lines += ["| key | question | answer | generated | generated, permuted image |", "|---|---|---|---|---|"]
-            lines += [f"| {e['key']} | {e['question']} | {e['answer']} | {e['generated']!r} | "
-                      f"{e['generated_permuted_image']!r} |" for e in ins["examples"]]
-            lines.append("")
+    if not ins:
+        return []
+    lines = [
+        f"{heading}# Instructions: held-out answers ({ins['answers']} answers in {ins['conversations']} "
+        f"conversations about {ins['images']} held-out images)", "",
+        "| | true images | permuted images |", "|---|---:|---:|",
+        f"| exact-match accuracy | {_f(ins['accuracy'], '.3f')} | {_f(ins['accuracy_permuted'], '.3f')} |",
+        f"| L_reg (answer tokens) | {_f(ins['lreg'])} | {_f(ins['lreg_permuted'])} |", "",
+        "Greedy answers, each turn given the true turns before it; exact match after lower-casing and removing "
+        "punctuation and articles. Permuted: the same conversation asked about another held-out image.", "",
+    ]
+    if ins.get("examples"):
+        lines += ["| key | question | answer | generated | generated, permuted image |", "|---|---|---|---|---|"]
+        lines += [f"| {e['key']} | {e['question']} | {e['answer']} | {e['generated']!r} | "
+                  f"{e['generated_permuted_image']!r} |" for e in ins["examples"]]
+        lines.append("")
+    return lines
+
+
+def _md_routing(m: dict[str, Any], heading: str) -> list[str]:
     ro = m.get("routing")
-    if ro:
-        names = ro["experts"]
-        lines += [
-            f"{heading}# Routing (top-{ro['top_k']} of {len(names)} experts)", "",
-            "| prompts | " + " | ".join(names) + " | entropy | load balance |",
-            "|---|" + "---:|" * (len(names) + 2),
-        ]
-        rows = [("all", ro["overall"])] + list(ro["per_task"].items())
-        for t, st in rows:
-            lines.append(
-                f"| {t} | " + " | ".join(_f(x, ".3f") for x in st["mass"]) + f" | {_f(st['entropy'], '.3f')} | {_f(st['load_balance'], '.3f')} |"
-            )
-        lines += ["", "Entropy in nats (max log k); load balance 1 = even, n = all tokens on one expert.", ""]
-    return "\n".join(lines) + "\n"
+    if not ro:
+        return []
+    names = ro["experts"]
+    lines = [
+        f"{heading}# Routing (top-{ro['top_k']} of {len(names)} experts)", "",
+        "| prompts | " + " | ".join(names) + " | entropy | load balance |",
+        "|---|" + "---:|" * (len(names) + 2),
+    ]
+    for t, st in [("all", ro["overall"])] + list(ro["per_task"].items()):
+        lines.append(
+            f"| {t} | " + " | ".join(_f(x, ".3f") for x in st["mass"])
+            + f" | {_f(st['entropy'], '.3f')} | {_f(st['load_balance'], '.3f')} |"
+        )
+    return lines + ["", "Entropy in nats (max log k); load balance 1 = even, n = all tokens on one expert.", ""]

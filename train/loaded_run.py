@@ -32,20 +32,14 @@ def load_run(
 ) -> LoadedRun:
     from safetensors.torch import load_file
 
-    from astrea.train.config import TrainConfig
-    from astrea.train.llm import TINY, build_llm
-    from astrea.train.model import AstreaModel
-    from astrea.train.runner import _device
-    from astrea.train.stages import build_stages
-    from astrea.train.store_check import resolve_experts
+    from astrea.train.build import build_model, device_for, plan_run, tiny_llm_dir
+    from astrea.train.config import TrainConfig, read_config_file
 
     run_dir = Path(run)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise TrainError(f"{run_dir} is not a training run (no config.yaml); give the --out directory of `astrea train`")
     cfg = TrainConfig.load(cfg_path)
-    from astrea.train.config import read_config_file
-
     if "target_format" not in (read_config_file(cfg_path).get("dataset") or {}):
         # a run from before issue 13 trained on the decimal text, cut at the limit: score it on that
         cfg.dataset.target_format, cfg.dataset.fit_targets = "decimal", False
@@ -57,31 +51,19 @@ def load_run(
     if residual_at_eval:
         cfg.residual.at_eval = residual_at_eval
     info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    stages = build_stages(cfg)
-    needed: dict[str, str] = {}
-    for s in stages:
-        for e in s.required_experts():
-            needed.setdefault(e, f"stage {s.name}")
     # the features the run trained on, exactly: same fingerprints as recorded in run.json
-    expected = {**info.get("experts", {}), **cfg.expected_fingerprints}
-    specs = resolve_experts(cfg.store, cfg.data, list(needed), {e: expected[e] for e in needed if e in expected}, needed_by=needed)
-    for s in stages:
-        s.ctx.specs = dict(specs)
-    llm_dir = run_dir / "llm"
-    llm = build_llm(cfg.llm, from_dir=llm_dir if (cfg.llm.name == TINY and llm_dir.is_dir()) else None)
-    model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
-    for s in stages:
-        s.build(model)
+    plan = plan_run(cfg, {**info.get("experts", {}), **cfg.expected_fingerprints})
+    model, _ = build_model(cfg, plan, llm_dir=tiny_llm_dir(cfg, run_dir / "llm"))
     wpath = _weights_file(run_dir, cfg.stages, weights)
     sd = {k: v for k, v in load_file(str(wpath)).items() if not k.startswith("stage.")}
     try:
         model.load_astrea_state_dict(sd, strict=True)
     except (KeyError, ValueError) as e:
         raise TrainError(f"{wpath} does not fit the model the run's config.yaml builds: {e.args[0] if e.args else e}") from None
-    dev = _device(device)
+    dev = device_for(device)
     model.to(dev)
     model.eval()
-    return LoadedRun(cfg, model, stages, info, str(wpath), dev)
+    return LoadedRun(cfg, model, plan.stages, info, str(wpath), dev)
 
 
 def _weights_file(run_dir: Path, stages: list[str], weights: str) -> Path:

@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS, reads_outputs
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, reads_outputs
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import IGNORE, AstreaModel
 from astrea.train.moco import MoCo, sample_ids
 from astrea.train.moe import MoEFusion, MoEOutput
-from astrea.train.stages import STAGES, AlignStage, Stage, StageContext, llm_trainable_modules
+from astrea.train.stages import STAGES, AlignStage, Routing, Stage, StageContext, llm_trainable_modules
 from astrea.train.templates import Rendered, render
 
 __all__ = ["MainStage", "pre_alignment_plan"]
@@ -189,6 +189,30 @@ class MainStage(Stage):
         """The MoE output of the latest ``visual_tokens`` call (routing probabilities for statistics)."""
         return self._last
 
+    # -- what eval reads -----------------------------------------------------------------------------
+    def routing(self) -> Routing:
+        return Routing(list(self.experts), self.moe_cfg.top_k)
+
+    def routing_probs(self) -> torch.Tensor | None:
+        return self._last.probs if self._last is not None else None
+
+    def has_retrieval(self, model: AstreaModel) -> bool:
+        return "moco" in model.extras
+
+    def retrieval_embeddings(
+        self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        """The MoCo online embeddings (Eq. 5-6) of the captioned rows' mean visual token and caption."""
+        rows = self.caption_rows(batch) if self.has_retrieval(model) else []
+        if not rows:
+            return None
+        moco: MoCo = model.extras["moco"]  # type: ignore[assignment]
+        idx = torch.tensor(rows, device=visual.device)
+        captions = [batch["captions"][i] for i in rows]
+        text = self.text_features(model, captions, visual.device)
+        v, t = moco.embed(visual.float().mean(1).index_select(0, idx), text)
+        return v, t, captions
+
     def visual_tokens(self, model: AstreaModel, batch: dict[str, Any]) -> torch.Tensor:
         out = self.fuse(model, batch)
         self._last = out  # extra_losses (same micro-batch) reads the aux loss and the fused grid
@@ -264,12 +288,6 @@ class MainStage(Stage):
 
     def text_renders(self) -> list[Callable[[dict[str, Any]], Rendered | None]]:
         return [self.render_task(t) for t in self.main_cfg.tasks]
-
-    def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
-        """A render function that always asks ``task`` (held-out evaluation per task type)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
-        return lambda sample: self._render_first(sample, [task])
 
     def _render_first(self, sample: dict[str, Any], tasks: list[str]) -> Rendered | None:
         opts = self.ctx.target_options()

@@ -26,10 +26,10 @@ import torch
 
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
-from astrea.train.llm import TINY, build_llm, save_llm
+from astrea.train.build import RunPlan, build_model, device_for, plan_run, tiny_llm_dir
+from astrea.train.llm import TINY, save_llm
 from astrea.train.metrics import Metrics
 from astrea.train.model import AstreaModel
-from astrea.train.stages import build_stages
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def run_local(cfg: TrainConfig) -> dict[str, Any]:
 def _run_validated(cfg: TrainConfig) -> dict[str, Any]:
     from astrea.train.distributed import init_distributed
 
-    device = _device(cfg.device)
+    device = device_for(cfg.device)
     dist = init_distributed(device.type)
     if device.type == "cuda" and cfg.device in ("auto", "cuda"):
         device = torch.device("cuda", dist.local_rank)
@@ -68,44 +68,46 @@ def _run_validated(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
-    from astrea.train.checkpoint import CheckpointDir, read_checkpoint
-    from astrea.train.store_check import resolve_experts
-    from astrea.train.trainer import Trainer
+    from astrea.train.checkpoint import CheckpointDir
 
     run_dir = Path(cfg.out)
-    ckdir = CheckpointDir(run_dir)
-    latest = ckdir.latest()
+    latest = CheckpointDir(run_dir).latest()
     if latest is not None and not cfg.resume:
         raise TrainError(f"{run_dir} already holds a run (checkpoint {latest.name}); pass --resume or a new --out")
+    plan, saved = _checked_plan(cfg, run_dir if cfg.resume and latest is not None else None)
+    model, llm = _model_on_device(cfg, plan, saved, device)
+    resume = _read_resume(latest, dist, model, device) if cfg.resume and latest is not None else None
+    _seed(cfg.seed + dist.rank)  # same initial weights on every rank; per-rank RNG for the residual draws
+    _write_run_files(cfg, plan, llm, dist)
+    trainer = _fit(cfg, model, plan.stages, dist, device, resume)
+    return _summarise(cfg, plan, llm, trainer, dist, device)
 
-    # -- stages and the store: every expert they read must be there, as expected --------------------
-    stages = build_stages(cfg)
-    needed_by: dict[str, str] = {}
-    for s in stages:
-        for e in s.required_experts():
-            needed_by.setdefault(e, f"stage {s.name}")
-    specs = resolve_experts(cfg.store, cfg.data, list(needed_by), cfg.expected_fingerprints, needed_by=needed_by)
-    for s in stages:
-        s.ctx.specs = dict(specs)
-    _join_instructions(cfg, stages)
-    saved = _read_run_json(run_dir) if cfg.resume and latest is not None else None
+
+def _checked_plan(cfg: TrainConfig, resumed: Path | None) -> tuple[RunPlan, dict[str, Any] | None]:
+    """Stages and the store: every expert they read must be there, as expected (and as the ``resumed``
+    run saw it: its run.json is returned), and the instruction files join the store; all before any
+    model is built."""
+    plan = plan_run(cfg, cfg.expected_fingerprints)
+    _join_instructions(cfg, plan.stages)
+    saved = _read_run_json(resumed) if resumed is not None else None
     if saved is not None:
-        _check_same_store(saved, specs)
+        _check_same_store(saved, plan.specs)
+    return plan, saved
 
-    # -- model: same initial weights on every rank, then per-rank RNG for the residual draws ---------
+
+def _model_on_device(
+    cfg: TrainConfig, plan: RunPlan, saved: dict[str, Any] | None, device: torch.device
+) -> tuple[AstreaModel, Any]:
+    """The model, seeded (same initial weights on every rank), on ``device``, ``init_from`` loaded."""
     if saved is not None and cfg.llm.name == TINY and saved["llm"]["hidden_size"] != cfg.llm.hidden_size:
         _hidden_size_error(saved, f"tiny-random with llm.hidden_size={cfg.llm.hidden_size}", cfg.llm.hidden_size)
     _seed(cfg.seed)
-    llm_dir = run_dir / "llm"
-    from_dir = _tiny_llm_dir(cfg, llm_dir)
-    llm = build_llm(cfg.llm, from_dir=from_dir, warmup=_TextWarmup(cfg, stages, device))
+    from_dir = tiny_llm_dir(cfg, Path(cfg.out) / "llm", cfg.init_from)
+    model, llm = build_model(cfg, plan, llm_dir=from_dir, warmup=_TextWarmup(cfg, plan.stages, device))
     if from_dir is not None:  # resumed, or init_from: that run's llm/ holds the warmed weights
         llm.text_warmup = ((_read_run_json(from_dir.parent) or {}).get("llm") or {}).get("text_warmup")
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
         _hidden_size_error(saved, llm.source, llm.hidden_size)
-    model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
-    for s in stages:
-        s.build(model)
     if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.precision != "fp32":
         model.llm.to(torch.bfloat16)  # a frozen LLM in bf16 halves its memory; autocast runs bf16 anyway
     model.to(device)
@@ -113,35 +115,49 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
         model.llm.compile()  # in place: state-dict keys stay the same
     if cfg.init_from:
         _init_from(model, cfg.init_from)
+    return model, llm
 
-    resume = None
-    if cfg.resume and latest is not None:
-        resume = read_checkpoint(latest, dist.rank)
-        if resume["state"]["world_size"] != dist.world_size:
-            raise TrainError(
-                f"--resume: checkpoint {latest} was written by {resume['state']['world_size']} processes, this "
-                f"run has {dist.world_size}; data positions are per rank, resume with the same number of workers"
-            )
-        if resume["state"]["hidden_size"] != model.hidden_size:
-            raise TrainError(f"--resume: checkpoint hidden size {resume['state']['hidden_size']} != {model.hidden_size}")
-        model.load_astrea_state_dict({k: v.to(device) for k, v in resume["model"].items()})
-    _seed(cfg.seed + dist.rank)
 
+def _read_resume(latest: Path, dist, model: AstreaModel, device: torch.device) -> dict[str, Any]:
+    """The checkpoint to resume from, checked against this run, its model weights loaded."""
+    from astrea.train.checkpoint import read_checkpoint
+
+    resume = read_checkpoint(latest, dist.rank)
+    if resume["state"]["world_size"] != dist.world_size:
+        raise TrainError(
+            f"--resume: checkpoint {latest} was written by {resume['state']['world_size']} processes, this "
+            f"run has {dist.world_size}; data positions are per rank, resume with the same number of workers"
+        )
+    if resume["state"]["hidden_size"] != model.hidden_size:
+        raise TrainError(f"--resume: checkpoint hidden size {resume['state']['hidden_size']} != {model.hidden_size}")
+    model.load_astrea_state_dict({k: v.to(device) for k, v in resume["model"].items()})
+    return resume
+
+
+def _write_run_files(cfg: TrainConfig, plan: RunPlan, llm: Any, dist) -> None:
+    """config.yaml, run.json and (tiny-random) llm/, by the main rank; every rank waits for them."""
+    run_dir = Path(cfg.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
         info = {
-            "experts": {n: s.fingerprint() for n, s in specs.items()},
-            "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
+            "experts": {n: s.fingerprint() for n, s in plan.specs.items()},
+            "experts_random_weights": {n: s.random_weights for n, s in plan.specs.items()},
             "llm": _llm_info(llm),
             "stages": list(cfg.stages),
             "world_size": dist.world_size,
         }
         (run_dir / "run.json").write_text(json.dumps(info, indent=2))
-        if cfg.llm.name == TINY and not llm_dir.is_dir():
-            save_llm(llm, llm_dir)
+        if cfg.llm.name == TINY and not (run_dir / "llm").is_dir():
+            save_llm(llm, run_dir / "llm")
     dist.barrier()
 
+
+def _fit(cfg: TrainConfig, model: AstreaModel, stages, dist, device: torch.device, resume: dict[str, Any] | None):
+    """Run the stages (from the checkpoint when resuming: metrics logged after it are dropped first)."""
+    from astrea.train.trainer import Trainer
+
+    run_dir = Path(cfg.out)
     if resume is not None and dist.is_main:
         from astrea.train.metrics import trim_metrics
 
@@ -150,19 +166,25 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     metrics = Metrics(run_dir, enabled=dist.is_main, progress=cfg.progress)
     try:
         trainer = Trainer(cfg, model, stages, dist, device, run_dir, metrics)
-        results = trainer.fit(resume)
+        trainer.fit(resume)
     finally:
         metrics.close()
+    return trainer
+
+
+def _summarise(cfg: TrainConfig, plan: RunPlan, llm: Any, trainer, dist, device: torch.device) -> dict[str, Any]:
+    """summary.json: per-stage results, throughput and what the store skipped (summed over ranks)."""
     from astrea.train.distributed import all_sum
     from astrea.train.metrics import dumps_strict
 
     store = trainer.store_log.to_dict()
     # ranks read disjoint units: the run skipped the sum of what each rank skipped
     store["damaged_rows_skipped"] = int(all_sum([store["damaged_rows_skipped"]], device, dist.world_size)[0])
+    stages = plan.stages
     summary = {
-        "run": str(run_dir),
+        "run": str(Path(cfg.out)),
         "llm": _llm_info(llm),
-        "experts_random_weights": {n: s.random_weights for n, s in specs.items()},
+        "experts_random_weights": {n: s.random_weights for n, s in plan.specs.items()},
         "world_size": dist.world_size,
         "global_steps": trainer.global_step,
         "target_render_drops": dict(stages[0].ctx.stats.dropped) if stages else {},
@@ -170,12 +192,12 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
             {**r.__dict__, "samples_per_s": r.samples / r.seconds if r.seconds else None,
              "tokens_per_s": r.tokens / r.seconds if r.seconds else None,
              "data_wait_fraction": r.data_wait_s / r.seconds if r.seconds else None}
-            for r in results
+            for r in trainer.results
         ],
         "store": store,
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(dumps_strict(summary))
+        (Path(cfg.out) / "summary.json").write_text(dumps_strict(summary))
     return summary
 
 
@@ -193,23 +215,6 @@ def _join_instructions(cfg: TrainConfig, stages) -> None:
                 f"(e.g. {shown}); check instructions.match and the dataset, and list them with "
                 f"`astrea data instructions FILE --store {cfg.store} --data {cfg.data}`"
             )
-
-
-def _tiny_llm_dir(cfg: TrainConfig, llm_dir: Path) -> Path | None:
-    """Where a tiny-random LLM is reloaded from: this run's own copy, else the ``init_from`` run's.
-
-    The projectors of an ``init_from`` run were trained against its (warmed-up) tiny LLM; a fresh one,
-    warmed on this run's texts, would be another LLM."""
-    if cfg.llm.name != TINY:
-        return None
-    if llm_dir.is_dir():
-        return llm_dir
-    if cfg.init_from:
-        p = Path(cfg.init_from)
-        for cand in (p, *p.parents[:3]):
-            if (cand / "config.yaml").is_file():
-                return cand / "llm" if (cand / "llm").is_dir() else None
-    return None
 
 
 def _llm_info(llm) -> dict[str, Any]:
@@ -289,14 +294,6 @@ def _hidden_size_error(saved: dict[str, Any], what: str, hidden: int) -> None:
         f"({saved['llm']['source']}), this config loads {what} with hidden size {hidden}; the projectors "
         "cannot be reused. Resume with the same --llm, or start a new --out"
     )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"config field device={name!r}: no CUDA device here; use --device cpu")
-    return torch.device(name)
 
 
 def _seed(seed: int) -> None:

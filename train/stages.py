@@ -28,11 +28,15 @@ that module on first use). Its ``build`` adds the router/adapters/MoCo to ``mode
 initialises adapters from ``model.projectors``; ``visual_tokens`` mixes all experts' aligned tokens;
 ``render`` may pick a task per sample; ``extra_losses`` returns the MoCo term. Its options are the typed
 sections ``cfg.moe``, ``cfg.moco`` and ``cfg.main`` of the train config.
+
+Eval (``astrea.train.eval``) reads a stage through the methods of the "what evaluation reads" section
+(``routing``, ``routing_probs``, ``residual_entropy``, ``retrieval_embeddings``, ...), never its class.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +44,20 @@ import torch
 from torch import nn
 
 from astrea.registry import Registry
-from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, expand, reads_outputs, stage
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS, expand, reads_outputs, stage
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import AstreaModel
 from astrea.train.targets import TargetOptions, TargetStats
 from astrea.train.templates import Rendered, render
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a routing stage tells eval: the experts its router mixes (in router order) and its top-k."""
+
+    experts: list[str]
+    top_k: int
 
 
 @dataclass
@@ -119,6 +131,43 @@ class Stage:
     def text_renders(self) -> list[Any]:
         """Render functions whose texts this stage trains on (the LLM's text-only warm-up reads them)."""
         return [self.render]
+
+    def render_task(self, task: str) -> Callable[[dict[str, Any]], Rendered | None]:
+        """A render function that always asks ``task`` alone (held-out evaluation per task type)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+        return lambda sample: render(sample, [task], self.ctx.cfg.target_sources, self.ctx.target_options(),
+                                     self.ctx.stats)
+
+    # -- what evaluation reads (astrea.train.eval uses only these and the methods above) -------------
+    def routing(self) -> Routing | None:
+        """The experts a router mixes and its k (None: the stage does not route; eval then scores the
+        stage's own target; a routing stage is scored per task type, with routing and retrieval)."""
+        return None
+
+    def routing_probs(self) -> torch.Tensor | None:
+        """Routing probabilities [B, P, n_experts] of the latest ``visual_tokens`` call (routing stages)."""
+        return None
+
+    @property
+    def context_experts(self) -> list[str]:
+        """Experts whose aligned tokens are the residual context of the experts this stage trains."""
+        return []
+
+    def residual_entropy(self, model: AstreaModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per trained expert, the per-sample mean entropy of its residual attention rows [B] ({}: none)."""
+        return {}
+
+    def has_retrieval(self, model: AstreaModel) -> bool:
+        """Whether the stage trained image/text embeddings that image-text retrieval can rank."""
+        return False
+
+    def retrieval_embeddings(
+        self, model: AstreaModel, batch: dict[str, Any], visual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]] | None:
+        """(image, text) embeddings of the batch's captioned samples and their captions (None: no
+        captioned sample, or no embeddings); ``visual`` is this batch's ``visual_tokens``."""
+        return None
 
     # -- non-module state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -248,13 +297,13 @@ def _check_stage_experts(cfg: TrainConfig, name: str) -> None:
     if name in PRE_ALIGNMENT_STAGES and name not in cfg.stage_experts:
         raise TrainError(f"config field stage_experts has no expert for stage {name!r}; add stage_experts.{name}")
     used: dict[str, str] = {}
-    for stage in PRE_ALIGNMENT_STAGES:
-        e = cfg.stage_experts.get(stage)
+    for st in PRE_ALIGNMENT_STAGES:
+        e = cfg.stage_experts.get(st)
         if e is None:
             continue
         if e in used:
             raise TrainError(
-                f"config field stage_experts: expert {e!r} serves both {used[e]!r} and {stage!r}; "
+                f"config field stage_experts: expert {e!r} serves both {used[e]!r} and {st!r}; "
                 "each stage needs its own expert (its projector is frozen after its stage)"
             )
-        used[e] = stage
+        used[e] = st

@@ -263,6 +263,37 @@ class Trainer:
         return self.results
 
     def run_stage(self, index: int, resume: dict[str, Any] | None, partial: StageResult | None = None) -> StageResult:
+        """One stage: set up (or restore) its optimiser and data, step to ``cfg.steps_for(stage)``, then
+        score it held-out, save its weights and a stage-end checkpoint."""
+        run = self._start_stage(index, resume, partial)
+        cfg = self.cfg
+        stream = Prefetcher(
+            batches(run.opener, run.collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction,
+                    shuffle=cfg.dataset.shuffle, start=run.pos, bucket=run.stage.bucket(),
+                    length=run.stage.sample_length, seed=cfg.seed),
+            cfg.dataset.prefetch,
+        )
+        self.metrics.start_bar(run.stage.name, run.total, run.step)
+        run.window = _LogWindow()
+        t_stage, seconds_before = time.perf_counter(), run.result.seconds
+        try:
+            while run.step < run.total:
+                self._optimizer_step(run, stream)
+                self._log_train(run)
+                if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total:
+                    self.log_heldout(run.stage, run.step, run.hb)
+                if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total:
+                    run.result.seconds = seconds_before + time.perf_counter() - t_stage
+                    self.save(index, run.stage, run.step, run.pos, run.opt, run.sched, run.result, done=False)
+        finally:
+            stream.close()
+            self.metrics.close_bar()
+        run.result.seconds = seconds_before + time.perf_counter() - t_stage
+        return self._finish_stage(index, run)
+
+    def _start_stage(self, index: int, resume: dict[str, Any] | None, partial: StageResult | None) -> _StageRun:
+        """Trainable parameters, optimiser, scheduler, data, target check and held-out batches; restored
+        from ``resume`` (a checkpoint inside this stage), else the held-out L_reg before the first step."""
         stage = self.stages[index]
         cfg, o = self.cfg, self.cfg.optim
         total = cfg.steps_for(stage.name)
@@ -278,112 +309,140 @@ class Trainer:
         hb = heldout_batches(
             opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction, max_samples=per_rank
         )
-        result = StageResult(stage.name, total)
-        step, pos = 0, Position()
+        run = _StageRun(stage, total, params, opt, sched, opener, collator, hb, target_check, joined,
+                        StageResult(stage.name, total))
         if resume is not None:
             st = resume["state"]
-            step = st["step"]
-            pos = Position(*st["positions"][self.dist.rank])
+            run.step = st["step"]
+            run.pos = Position(*st["positions"][self.dist.rank])
             load_optimizer(opt, resume["optim"], st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             stage.load_state_dict(resume["stage"])
             if partial is not None:
-                result = partial
+                run.result = partial
             if resume["rng"] is not None:
                 set_rng_state(*resume["rng"])
         else:
-            result.heldout_before = self.log_heldout(stage, 0, hb)
-        stream = Prefetcher(
-            batches(opener, collator, cfg.batch_size, heldout_fraction=cfg.dataset.heldout_fraction,
-                    shuffle=cfg.dataset.shuffle, start=pos, bucket=stage.bucket(), length=stage.sample_length,
-                    seed=cfg.seed),
-            cfg.dataset.prefetch,
+            run.result.heldout_before = self.log_heldout(stage, 0, hb)
+        return run
+
+    def _optimizer_step(self, run: _StageRun, stream: Prefetcher) -> None:
+        """``optim.grad_accum`` micro-batches, gradients averaged over ranks, one optimiser step; the
+        losses (averaged over ranks) go to ``run.losses``; a non-finite loss stops every rank."""
+        stage, o, result, w = run.stage, self.cfg.optim, run.result, run.window
+        loss_reg_acc, extras_acc = 0.0, {}
+        nonfinite: list[str] = []  # this rank's batch keys whose loss was inf/NaN
+        for _ in range(o.grad_accum):
+            t0 = time.perf_counter()
+            batch, run.pos = next(stream)
+            wait = time.perf_counter() - t0
+            w.wait += wait
+            result.data_wait_s += wait
+            b = self.to_device(batch)
+            with self.autocast():
+                visual = stage.visual_tokens(self.model, b)
+                loss_reg, _ = self.model.lm_loss(visual, b["input_ids"], b["attention_mask"], b["labels"])
+                extras = stage.extra_losses(self.model, b, visual)
+            loss = loss_reg + sum(extras.values()) if extras else loss_reg
+            if not bool(torch.isfinite(loss.detach()).all()):
+                nonfinite = nonfinite or [f"{float(loss.detach())}", *batch["keys"]]
+            (loss / o.grad_accum).backward()
+            loss_reg_acc += float(loss_reg.detach()) / o.grad_accum
+            for k, v in extras.items():
+                extras_acc[k] = extras_acc.get(k, 0.0) + float(v.detach()) / o.grad_accum
+            n_tok = visual.shape[1] * len(b["keys"]) + int(b["attention_mask"].sum())
+            w.samples += len(b["keys"])
+            w.tokens += n_tok
+            result.samples += len(b["keys"])
+            result.tokens += n_tok
+        average_gradients(run.params, self.dist.world_size)
+        if o.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(run.params, o.clip_grad)
+        run.lr = run.opt.param_groups[0]["lr"]
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        stage.after_step(self.model)
+        run.step += 1
+        self.global_step += 1
+        vals = all_sum([loss_reg_acc, *extras_acc.values()], self.device, self.dist.world_size)
+        vals = [v / self.dist.world_size for v in vals]
+        if not all(math.isfinite(v) for v in vals):  # every rank sees the sum: all stop together
+            self._nonfinite_loss(stage, run.step, nonfinite)
+        result.last_loss = vals[0] + sum(vals[1:])
+        run.losses = {"loss_reg": vals[0], **{f"loss_{k}": v for k, v in zip(extras_acc, vals[1:], strict=True)}}
+
+    def _log_train(self, run: _StageRun) -> None:
+        """Every ``log_every`` steps (and the last): a ``train`` metrics row and the progress bar."""
+        cfg, step, w = self.cfg, run.step, run.window
+        if not (step % cfg.log_every == 0 or step == run.total):
+            return
+        dt = time.perf_counter() - w.t0
+        row = {
+            "kind": "train", "stage": run.stage.name, "step": step, "global_step": self.global_step,
+            "loss": run.result.last_loss, **run.losses,
+            "lr": run.lr,
+            "samples_per_s": w.samples * self.dist.world_size / dt,
+            "tokens_per_s": w.tokens * self.dist.world_size / dt,
+            "data_wait": w.wait / dt,
+        }
+        self.metrics.log(row)
+        self.metrics.bar(
+            cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every,
+            loss=row["loss"], lr=run.lr, sps=row["samples_per_s"], wait=row["data_wait"],
         )
-        self.metrics.start_bar(stage.name, total, step)
-        t_log, wait_log, samples_log, tokens_log = time.perf_counter(), 0.0, 0, 0
-        t_stage, seconds_before = time.perf_counter(), result.seconds
-        try:
-            while step < total:
-                loss_reg_acc, extras_acc = 0.0, {}
-                nonfinite: list[str] = []  # this rank's batch keys whose loss was inf/NaN
-                for _ in range(o.grad_accum):
-                    t0 = time.perf_counter()
-                    batch, pos = next(stream)
-                    wait = time.perf_counter() - t0
-                    wait_log += wait
-                    result.data_wait_s += wait
-                    b = self.to_device(batch)
-                    with self.autocast():
-                        visual = stage.visual_tokens(self.model, b)
-                        loss_reg, _ = self.model.lm_loss(visual, b["input_ids"], b["attention_mask"], b["labels"])
-                        extras = stage.extra_losses(self.model, b, visual)
-                    loss = loss_reg + sum(extras.values()) if extras else loss_reg
-                    if not bool(torch.isfinite(loss.detach()).all()):
-                        nonfinite = nonfinite or [f"{float(loss.detach())}", *batch["keys"]]
-                    (loss / o.grad_accum).backward()
-                    loss_reg_acc += float(loss_reg.detach()) / o.grad_accum
-                    for k, v in extras.items():
-                        extras_acc[k] = extras_acc.get(k, 0.0) + float(v.detach()) / o.grad_accum
-                    n_tok = visual.shape[1] * len(b["keys"]) + int(b["attention_mask"].sum())
-                    samples_log += len(b["keys"])
-                    tokens_log += n_tok
-                    result.samples += len(b["keys"])
-                    result.tokens += n_tok
-                average_gradients(params, self.dist.world_size)
-                if o.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(params, o.clip_grad)
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                stage.after_step(self.model)
-                step += 1
-                self.global_step += 1
-                vals = all_sum([loss_reg_acc, *extras_acc.values()], self.device, self.dist.world_size)
-                vals = [v / self.dist.world_size for v in vals]
-                if not all(math.isfinite(v) for v in vals):  # every rank sees the sum: all stop together
-                    self._nonfinite_loss(stage, step, nonfinite)
-                result.last_loss = vals[0] + sum(vals[1:])
-                if step % cfg.log_every == 0 or step == total:
-                    dt = time.perf_counter() - t_log
-                    row = {
-                        "kind": "train", "stage": stage.name, "step": step, "global_step": self.global_step,
-                        "loss": result.last_loss, "loss_reg": vals[0],
-                        **{f"loss_{k}": v for k, v in zip(extras_acc, vals[1:], strict=True)},
-                        "lr": lr,
-                        "samples_per_s": samples_log * self.dist.world_size / dt,
-                        "tokens_per_s": tokens_log * self.dist.world_size / dt,
-                        "data_wait": wait_log / dt,
-                    }
-                    self.metrics.log(row)
-                    self.metrics.bar(
-                        cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every,
-                        loss=row["loss"], lr=lr, sps=row["samples_per_s"], wait=row["data_wait"],
-                    )
-                    t_log, wait_log, samples_log, tokens_log = time.perf_counter(), 0.0, 0, 0
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                    self.log_heldout(stage, step, hb)
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    result.seconds = seconds_before + time.perf_counter() - t_stage
-                    self.save(index, stage, step, pos, opt, sched, result, done=False)
-        finally:
-            stream.close()
-            self.metrics.close_bar()
-        result.seconds = seconds_before + time.perf_counter() - t_stage
-        result.heldout_after = self.log_heldout(stage, total, hb)
+        run.window = _LogWindow()
+
+    def _finish_stage(self, index: int, run: _StageRun) -> StageResult:
+        """Held-out L_reg after the stage (true and permuted images), what the stage's data did, the
+        ranks' parameter checksums; the stage's weights and its stage-end checkpoint."""
+        stage, result, collator = run.stage, run.result, run.collator
+        result.heldout_after = self.log_heldout(stage, run.total, run.hb)
         result.heldout_permuted_after = self.log_heldout(
-            stage, total, with_permuted_features(hb, seed=cfg.seed), kind="heldout_permuted"
+            stage, run.total, with_permuted_features(run.hb, seed=self.cfg.seed), kind="heldout_permuted"
         )
         result.extra = {
             "skipped_records": collator.skipped,
             "truncated_targets": collator.truncated,
             # what max_text_tokens did to this rank's targets (training + held-out), per task
             "targets": collator.counts(),
-            "target_check": target_check,
-            "rank_param_checksums": self.check_ranks_in_sync(stage, params),
+            "target_check": run.target_check,
+            "rank_param_checksums": self.check_ranks_in_sync(stage, run.params),
         }
-        if joined is not None:
-            result.extra["instructions"] = joined.counts()
+        if run.joined is not None:
+            result.extra["instructions"] = run.joined.counts()
         self.save_stage(stage, result)
-        self.save(index, stage, total, pos, opt, sched, result, done=True)
+        self.save(index, stage, run.total, run.pos, run.opt, run.sched, result, done=True)
         return result
+
+
+@dataclass
+class _LogWindow:
+    """What happened since the last ``train`` metrics row (throughput, data wait)."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _StageRun:
+    """One stage's training state inside :meth:`Trainer.run_stage`."""
+
+    stage: Stage
+    total: int
+    params: list[torch.nn.Parameter]
+    opt: Any
+    sched: Any
+    opener: Any
+    collator: Collator
+    hb: list[dict[str, Any]]
+    target_check: dict[str, Any]
+    joined: Any
+    result: StageResult
+    step: int = 0
+    pos: Position = field(default_factory=Position)
+    lr: float = 0.0
+    losses: dict[str, float] = field(default_factory=dict)
+    window: _LogWindow = field(default_factory=_LogWindow)
