@@ -106,7 +106,7 @@ def _run(cfg: TrainConfig, dist, device: torch.device) -> dict[str, Any]:
     model = AstreaModel(llm, {n: s.token_dim for n, s in specs.items()}, cfg)
     for s in stages:
         s.build(model)
-    if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.precision != "fp32":
+    if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.compute_dtype != "float32":
         model.llm.to(torch.bfloat16)  # a frozen LLM in bf16 halves its memory; autocast runs bf16 anyway
     model.to(device)
     if cfg.compile:
