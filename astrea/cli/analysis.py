@@ -50,7 +50,7 @@ def eval_cmd(
     batch_size: Optional[int] = unset_option(EV + "batch_size", "--batch-size", "-b", help="Images per forward pass."),
     device: Optional[str] = unset_option(EV + "device", "--device", help="auto | cpu | cuda | cuda:N."),
     store: Optional[Path] = typer.Option(None, "--store", help="The store's path if it moved since training."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [default: the run's newest]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory \\[default: the run's newest]."),
     instructions: list[Path] = typer.Option(
         [], "--instructions",
         help="LLaVA-format instruction JSON/JSONL: held-out answer accuracy and L_reg with the permuted-image control (repeatable).",
@@ -58,7 +58,7 @@ def eval_cmd(
     max_new_tokens: Optional[int] = unset_option(EV + "max_new_tokens", "--max-new-tokens", help="Tokens generated per answer (--instructions)."),
     residual_at_eval: Optional[str] = typer.Option(
         None, "--residual-at-eval",
-        help="Score the same weights with another residual.at_eval: expectation | average | all [default: the run's own].",
+        help="Score the same weights with another residual.at_eval: expectation | average | all \\[default: the run's own].",
     ),
 ) -> None:
     from astrea.train.eval import EVAL_JSON, EVAL_MD, EvalConfig, evaluate

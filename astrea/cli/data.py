@@ -88,7 +88,7 @@ _SAMPLE = "astrea.data.sample:ensure_sample."
 
 
 def sample(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: $ASTREA_HOME/sample]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory \\[default: $ASTREA_HOME/sample]."),
     images: Optional[int] = unset_option(_SAMPLE + "images", "--images", "-n", help="Good images in all (photos + generated scenes)."),
     shards: Optional[int] = unset_option(_SAMPLE + "shards", "--shards", "-s", help="Number of NNNNN.tar shards."),
     seed: Optional[int] = unset_option(_SAMPLE + "seed", "--seed", help="Seed: same seed and options give byte-identical shards."),
@@ -153,7 +153,7 @@ def _shard_count(name: str) -> str:
 
 def instructions(
     files: list[Path] = typer.Argument(..., help="LLaVA-format instruction JSON / JSONL file(s).", show_default=False),
-    store: Optional[Path] = typer.Option(None, "--store", help="Feature store [default: ASTREA_HOME config 'store']."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Feature store \\[default: ASTREA_HOME config 'store']."),
     data: str = typer.Option(..., "--data", "-d", help="Dataset name inside the store."),
     experts: Optional[str] = typer.Option(None, "--experts", help="Experts an image needs (comma-separated) [all in the dataset]."),
     match: Optional[str] = unset_option("astrea.train.instructions:InstructionConfig.match", "--match",

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def train(
-    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store directory [default: config file, else ASTREA_HOME config 'store']."),
+    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store directory \\[default: config file, else ASTREA_HOME config 'store']."),
     data: Optional[str] = unset_option(T + "data", "--data", "-d", shown=False, help="Dataset name inside the store."),
     out: Optional[Path] = unset_option(T + "out", "--out", "-o", shown=False, help="Run directory (checkpoints, metrics, summary)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file with TrainConfig fields."),

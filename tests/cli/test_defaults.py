@@ -168,3 +168,15 @@ def test_help_shows_the_config_default(command, flag, target):
     text = " ".join(block)
     value = show(field_default(target))
     assert f"default: {value}]" in text or f"default: ({value})]" in text, text  # (...): shown for an option left None
+
+
+def test_help_keeps_every_default_stated_in_words():
+    """A default stated in an option's help text (``[default: the run's newest]``) reaches the user: rich
+    reads an unescaped ``[default: ...]`` as markup and drops it from --help."""
+    import re
+
+    for name, callback in _commands(app):
+        out = CliRunner().invoke(app, [*name.split(), "--help"], terminal_width=1000, env={"COLUMNS": "1000"}).output
+        for param, meta in get_params_from_function(callback).items():
+            for stated in re.findall(r"\[default: ([^\]]+)\]", getattr(meta.default, "help", None) or ""):
+                assert f"[default: {stated}]" in out, f"astrea {name} --help lost the default of {param}: {stated}"
