@@ -37,8 +37,11 @@ COMMAND_CONFIGS = {
 CLI_ONLY = {
     ("data instructions", "limit"): "how many unmatched records are printed",
 }
-# Defaults that set nothing: required (...), not given (None), empty repeatable ([]), a flag left off (False).
-_NOT_SET = (None, Ellipsis, [], False)
+
+
+def _sets_nothing(default: Any) -> bool:
+    """Required (...), not given (None), an empty repeatable ([]), a flag left off (False; not 0, which == False)."""
+    return default is None or default is Ellipsis or default is False or (isinstance(default, list) and not default)
 
 
 def _commands(t: typer.Typer, path: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
@@ -95,7 +98,7 @@ def default_problems(t: typer.Typer, configs: dict[str, str], cli_only: dict) ->
                 if info.default != fields[match]:
                     problems.append(f"{where}: literal default {info.default!r}, but {configs[name]}.{match} "
                                     f"is {fields[match]!r} (use field_option/unset_option from astrea.cli._defaults)")
-            elif info.default not in _NOT_SET and (name, param) not in cli_only:
+            elif not _sets_nothing(info.default) and (name, param) not in cli_only:
                 problems.append(f"{where}: literal default {info.default!r} sets no config field; bind it with "
                                 "field_option/unset_option, or list it in CLI_ONLY with why")
     return problems
@@ -123,7 +126,7 @@ def test_the_check_fails_on_a_literal_that_disagrees():
     def extract(
         grid: int = typer.Option(25, "--grid"),  # a literal: ExtractConfig.grid is 24
         fmt: str = typer.Option("wds", "--format"),  # matched through its flag name
-        cpus: float = typer.Option(2.0, "--cpus"),  # no field of that name, not in CLI_ONLY
+        cpus: float = typer.Option(0.0, "--cpus"),  # no field of that name, not in CLI_ONLY (0.0 == False)
         seed: int = field_option("astrea.extract.config:ExtractConfig.seed", "--seed"),  # bound: agrees
     ) -> None: ...
 
@@ -145,7 +148,7 @@ def test_the_check_fails_on_a_literal_that_disagrees():
     assert len(problems) == 5, text
     assert "--grid: literal default 25" in text and "ExtractConfig.grid is 24" in text
     assert "--format: literal default 'wds'" in text and "ExtractConfig.format is 'zarr'" in text
-    assert "--cpus: literal default 2.0 sets no config field" in text
+    assert "--cpus: literal default 0.0 sets no config field" in text
     assert "--batch-size: default 9, but astrea.extract.config:ExtractConfig.batch_size is 8" in text
     assert "--lr: literal default 0.001 sets no config field" in text  # TrainConfig's is optim.lr
 
