@@ -16,6 +16,7 @@ from typing import Any
 
 from astrea.errors import AstreaError
 from astrea.schemas.stages import ALL, EXPERT_ORDER
+from astrea.extract.experts.registry import ExpertConfig as _Expert
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -108,12 +109,13 @@ class ExtractConfig:
     weights: dict[str, str] = field(default_factory=dict)  # "random" | hub id | path; default: variant's hub id
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # expert-specific knobs
     small: bool = False  # each expert's DEFAULT_SMALL variant (test/demo size, random weights)
-    format: str = "zarr"
-    codec: str = "raw"  # zarr: raw | zstd (smaller by ~8% at float16, ~30x the read CPU)
-    dtype: str = "float16"
-    grid: int = 24
+    # The storage settings and the seed default to ExpertConfig's (the one place they are written).
+    format: str = _Expert.format
+    codec: str = _Expert.codec  # zarr: raw | zstd (smaller by ~8% at float16, ~30x the read CPU)
+    dtype: str = _Expert.dtype
+    grid: int = _Expert.grid
     compute_dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
-    seed: int = 0
+    seed: int = _Expert.seed
     device: str = "auto"  # auto: cuda when the actors get GPUs, else cpu
     batch_size: int = 8  # images per forward on an inference actor
     # Every unit's deadline: a unit fails (and its actor is replaced) when its actor shows no progress
@@ -156,7 +158,7 @@ class ExtractConfig:
 
     def validate(self) -> list[str]:
         from astrea.registry import UnknownNameError
-        from astrea.schemas import FORMATS, STORAGE_DTYPES
+        from astrea.schemas import STORE_FORMATS, STORAGE_DTYPES
         from astrea.schemas.expert_spec import CODECS
 
         names = self.expert_names()
@@ -165,7 +167,7 @@ class ExtractConfig:
             if value not in valid:
                 raise ExtractConfigError(f"{fld}={value!r} is not valid; choose one of {list(valid)}")
 
-        choice("format", self.format, FORMATS)
+        choice("format", self.format, STORE_FORMATS)
         choice("codec", self.codec, CODECS[self.format])
         choice("dtype", self.dtype, STORAGE_DTYPES)
         choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astrea.schemas import FORMATS, STORAGE_DTYPES
+from astrea.schemas import STORE_FORMATS, STORAGE_DTYPES
 from astrea.schemas.expert_spec import CODECS, DEFAULT_CODEC
 from astrea.schemas.expert_spec import ExpertSpec
 from astrea.shards.dtypes import itemsize, stored_width
@@ -132,8 +132,8 @@ class EstimateConfig:
             raise EstimateError(f"grid={self.grid} must be >= 1")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise EstimateError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
-        if self.format is not None and self.format not in FORMATS:
-            raise EstimateError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
+        if self.format is not None and self.format not in STORE_FORMATS:
+            raise EstimateError(f"format={self.format!r} is not valid; choose one of {list(STORE_FORMATS)}")
         if self.compression is not None and not 0 < self.compression <= 1.5:
             raise EstimateError(f"compression={self.compression} must be a ratio stored/raw in (0, 1.5]")
         if not self.experts and not self.specs:
@@ -145,7 +145,7 @@ class EstimateConfig:
         return self.grid or grid, self.dtype or dtype, self.format or fmt
 
     def _from_registry(self, ref: str) -> dict[str, Any]:
-        from astrea.extract.experts.registry import default_variant, variants
+        from astrea.extract.experts.registry import ExpertConfig, default_variant, variants
 
         name, _, var = ref.partition("=")
         table = variants(name)  # UnknownNameError lists the experts
@@ -154,7 +154,8 @@ class EstimateConfig:
         if full not in table:
             raise EstimateError(f"experts: {name} has no variant {var!r}; variants: {list(table)}")
         v = table[full]
-        grid, dtype, fmt = self._pick(24, "float16", "zarr")
+        # no spec: what `astrea extract` writes by default (ExpertConfig's storage settings)
+        grid, dtype, fmt = self._pick(ExpertConfig.grid, ExpertConfig.dtype, ExpertConfig.format)
         return {"expert": name, "arch": full, "token_dim": v.token_dim, "pooled_dim": v.pooled_dim,
                 "grid": grid, "dtype": dtype, "format": fmt, "codec": self._codec(fmt, DEFAULT_CODEC)}
 

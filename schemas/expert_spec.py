@@ -18,7 +18,7 @@ from astrea.errors import AstreaError
 
 SCHEMA_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3")  # the last two: per-row scale, see astrea.shards.dtypes
-FORMATS = ("zarr", "wds")
+STORE_FORMATS = ("zarr", "wds")  # unit containers of the store (astrea.shards.formats implements each)
 # Codecs of the token/pooled arrays, per format. "raw": the storage dtype's bytes as they are (float16
 # mantissas barely compress: zstd saved 8% of bytes and cost ~30x on read, docs/store.md "Size and speed").
 CODECS = {"zarr": ("raw", "zstd"), "wds": ("raw",)}
@@ -65,8 +65,8 @@ class ExpertSpec:
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise SpecError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
-        if self.format not in FORMATS:
-            raise SpecError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
+        if self.format not in STORE_FORMATS:
+            raise SpecError(f"format={self.format!r} is not valid; choose one of {list(STORE_FORMATS)}")
         if self.codec not in CODECS[self.format]:
             raise SpecError(f"codec={self.codec!r} is not valid for format {self.format!r}; choose one of "
                             f"{list(CODECS[self.format])}")

@@ -14,11 +14,11 @@ See docs/store.md for the layout and for reading a store without astrea.
 """
 
 from astrea.shards.errors import DamagedRowError, StoreError, UnitBusyError, UnitCommittedError
-from astrea.shards.formats import FORMATS, get_format
+from astrea.shards.formats import UNIT_FORMATS, get_format
 from astrea.shards.store import ExpertDir, Record, Store
 from astrea.shards.writer import UnitWriter
 
-__all__ = ["DamagedRowError", "Store", "ExpertDir", "Record", "UnitWriter", "StoreError", "UnitBusyError", "UnitCommittedError", "FORMATS",
+__all__ = ["DamagedRowError", "Store", "ExpertDir", "Record", "UnitWriter", "StoreError", "UnitBusyError", "UnitCommittedError", "UNIT_FORMATS",
            "get_format", "JoinedDataset"]
 
 
@@ -28,4 +28,9 @@ def __getattr__(name: str):
         from astrea.shards.reader import JoinedDataset
 
         return JoinedDataset
+    if name == "FORMATS":  # the old name of UNIT_FORMATS (astrea.schemas and astrea.data had their own FORMATS)
+        import warnings
+
+        warnings.warn("astrea.shards.FORMATS is renamed UNIT_FORMATS", DeprecationWarning, stacklevel=2)
+        return UNIT_FORMATS
     raise AttributeError(name)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astrea.schemas import FORMATS, STORAGE_DTYPES
+from astrea.schemas import STORE_FORMATS, STORAGE_DTYPES
 from astrea.schemas.expert_spec import ExpertSpec
 from astrea.schemas.unit import OutputsJSON
 from astrea.shards.dtypes import from_storage
@@ -82,8 +82,8 @@ class ConvertConfig:
     def build(self) -> Converter:
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ConvertError(f"dtype={self.dtype!r} is not valid; choose one of {list(STORAGE_DTYPES)}")
-        if self.format is not None and self.format not in FORMATS:
-            raise ConvertError(f"format={self.format!r} is not valid; choose one of {list(FORMATS)}")
+        if self.format is not None and self.format not in STORE_FORMATS:
+            raise ConvertError(f"format={self.format!r} is not valid; choose one of {list(STORE_FORMATS)}")
         src = _resolve_source(Store(self.store), self.dataset, self.expert)
         if (self.dtype in (None, src.spec.dtype) and self.format in (None, src.spec.format)
                 and (self.out is None or Path(self.out).resolve() == Path(self.store).resolve())):

@@ -37,21 +37,21 @@ def _wds() -> UnitFormat:
     return UnitFormat("wds", ".tar", wds_unit.WdsUnitWriter, wds_unit.iter_rows)
 
 
-FORMATS: Registry[Callable[[], UnitFormat]] = Registry("store format")
-FORMATS.register("zarr", _zarr, "Zarr v3 group: tokens [n,T,D], pooled [n,D], keys, outputs; zstd")
-FORMATS.register("wds", _wds, "WebDataset tar: KEY.tokens.npy, KEY.pooled.npy, KEY.outputs.json")
+UNIT_FORMATS: Registry[Callable[[], UnitFormat]] = Registry("store format")
+UNIT_FORMATS.register("zarr", _zarr, "Zarr v3 group: tokens [n,T,D], pooled [n,D], keys, outputs; zstd")
+UNIT_FORMATS.register("wds", _wds, "WebDataset tar: KEY.tokens.npy, KEY.pooled.npy, KEY.outputs.json")
 
 _cache: dict[str, UnitFormat] = {}
 
 
 def get_format(name: str) -> UnitFormat:
     if name not in _cache:
-        _cache[name] = FORMATS.get(name)()
+        _cache[name] = UNIT_FORMATS.get(name)()
     return _cache[name]
 
 
 def data_suffixes() -> tuple[str, ...]:
-    return tuple(get_format(n).suffix for n in FORMATS.names())
+    return tuple(get_format(n).suffix for n in UNIT_FORMATS.names())
 
 
 def data_path(root: Path, unit: str, fmt: str) -> Path:

@@ -24,6 +24,12 @@ from astrea.train.errors import TrainError
 from astrea.train.instructions import InstructionConfig
 from astrea.train.moco import MoCoConfig
 from astrea.train.moe import MoEConfig
+from astrea.train.targets import TARGET_FORMATS
+
+# The training compute dtype's words (torch's dtype names, as in `astrea extract --compute-dtype`).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+# `precision` (before it was named compute_dtype) -> its words in compute_dtype
+_LEGACY_PRECISION = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -177,7 +183,9 @@ class TrainConfig:
     batch_size: int = 8  # per process, per micro-batch
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    # auto (bfloat16 autocast on GPU, float32 on CPU) | float32 | bfloat16: the words `astrea extract
+    # --compute-dtype` uses (configs written before say `precision: auto|bf16|fp32`, read with a warning)
+    compute_dtype: str = "auto"
     compile: bool = False
     save_every: int = 100  # steps; 0: only at stage ends
     keep_checkpoints: int = 2  # step checkpoints kept (stage-end weights in RUN/stages/ are always kept)
@@ -203,8 +211,8 @@ class TrainConfig:
             check_choice("residual.reading", self.residual.reading, ("skip", "attn"))
             check_choice("residual.at_eval", self.residual.at_eval, ("expectation", "average", "all"))
             check_choice("optim.schedule", self.optim.schedule, ("cosine", "constant"))
-            check_choice("precision", self.precision, ("auto", "bf16", "fp32"))
-            check_choice("dataset.target_format", self.dataset.target_format, ("compact", "decimal"))
+            check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+            check_choice("dataset.target_format", self.dataset.target_format, TARGET_FORMATS)
         except ValueError as e:
             raise TrainError(str(e)) from None
         self.validate_main()
@@ -267,7 +275,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        return _build(cls, _legacy_extras(d, source), prefix="", source=source)
+        return _build(cls, _legacy_precision(_legacy_extras(d, source), source), prefix="", source=source)
 
     @classmethod
     def load(
@@ -344,6 +352,28 @@ def _legacy_extras(d: dict[str, Any], source: str) -> dict[str, Any]:
         d[section] = {**(have or {}), name: value}
     warnings.warn(f"{source}: config field `extras` is deprecated; read as {moved} (write these dotted fields "
                   "instead; docs/main_stage.md)", FutureWarning, stacklevel=3)
+    return d
+
+
+def _legacy_precision(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """``d`` with a legacy ``precision`` (auto | bf16 | fp32) read as ``compute_dtype`` (one FutureWarning).
+
+    Every config.yaml written before the rename holds ``precision``; resuming or evaluating such a run
+    reads it here."""
+    if not isinstance(d, dict) or "precision" not in d:
+        return d
+    d = dict(d)
+    old = d.pop("precision")
+    if old not in _LEGACY_PRECISION:
+        raise TrainError(f"{source}: config field precision={old!r} (the old name of compute_dtype) is not valid; "
+                         f"write compute_dtype: one of {list(COMPUTE_DTYPES)}")
+    new = _LEGACY_PRECISION[old]
+    if "compute_dtype" in d and d["compute_dtype"] != new:
+        raise TrainError(f"{source}: config gives both compute_dtype={d['compute_dtype']!r} and the legacy "
+                         f"precision={old!r} ({new!r}); keep compute_dtype only")
+    d["compute_dtype"] = new
+    warnings.warn(f"{source}: config field `precision: {old}` is deprecated; read as compute_dtype: {new}",
+                  FutureWarning, stacklevel=3)
     return d
 
 

@@ -108,7 +108,7 @@ def _model_on_device(
         llm.text_warmup = ((_read_run_json(from_dir.parent) or {}).get("llm") or {}).get("text_warmup")
     if saved is not None and saved["llm"]["hidden_size"] != llm.hidden_size:
         _hidden_size_error(saved, llm.source, llm.hidden_size)
-    if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.precision != "fp32":
+    if device.type == "cuda" and cfg.llm.freeze and not cfg.llm.lora and cfg.compute_dtype != "float32":
         model.llm.to(torch.bfloat16)  # a frozen LLM in bf16 halves its memory; autocast runs bf16 anyway
     model.to(device)
     if cfg.compile:

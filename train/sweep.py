@@ -48,7 +48,7 @@ TOP_KEYS = ("base", "set", "out", "eval", "variants")
 
 
 @dataclass
-class Variant:
+class SweepVariant:
     name: str
     spec: dict[str, Any] = field(default_factory=dict)  # the shorthand fields as written
 
@@ -64,7 +64,7 @@ class SweepSpec:
     common: dict[str, Any]
     out: Path
     eval: dict[str, Any]
-    variants: list[Variant]
+    variants: list[SweepVariant]
 
 
 def load_sweep(path: str | Path, *, overrides: dict[str, Any] | None = None) -> SweepSpec:
@@ -121,11 +121,11 @@ def load_sweep(path: str | Path, *, overrides: dict[str, Any] | None = None) -> 
         for k in ("store", "data", "out"):
             if k in (spec.get("set") or {}):
                 raise TrainError(f"sweep config {p}: variant {name!r} sets {k}; a sweep compares variants on one store")
-        variants.append(Variant(name, spec))
+        variants.append(SweepVariant(name, spec))
     return SweepSpec(base, common, out_p, dict(doc.get("eval") or {}), variants)
 
 
-def variant_config(spec: SweepSpec, v: Variant) -> TrainConfig:
+def variant_config(spec: SweepSpec, v: SweepVariant) -> TrainConfig:
     """The resolved TrainConfig of one variant (base < sweep `set` < the variant's fields)."""
     base_cfg = TrainConfig.load(spec.base, spec.common)
     ov: dict[str, Any] = dict(spec.common)
@@ -169,7 +169,7 @@ COLUMNS = [
 ]
 
 
-def table_row(v: Variant, status: str, m: dict[str, Any] | None) -> dict[str, Any]:
+def table_row(v: SweepVariant, status: str, m: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": v.name, "changes": v.describe(), "status": status}
     if not m:
         return row

@@ -41,7 +41,7 @@ from astrea.schemas.mask_rle import decode as decode_rle
 from astrea.schemas.mask_rle import encode as encode_rle  # noqa: F401
 
 NONE = "none"
-FORMATS = ("compact", "decimal")
+TARGET_FORMATS = ("compact", "decimal")
 QUANT = 99  # compact coordinates: integer bins 0..QUANT
 
 

@@ -93,8 +93,8 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        p = self.cfg.precision
-        if p == "fp32" or (p == "auto" and self.device.type != "cuda"):
+        p = self.cfg.compute_dtype
+        if p == "float32" or (p == "auto" and self.device.type != "cuda"):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -234,7 +234,7 @@ class Trainer:
         raise TrainError(
             f"stage {stage.name}, step {step} (global step {self.global_step}): {what}; the run stopped without "
             "saving this step. Check those rows (astrea shards verify), lower optim.lr, or train with "
-            "precision=fp32; resume from the last checkpoint with --resume"
+            "compute_dtype=float32; resume from the last checkpoint with --resume"
         )
 
     def save_stage(self, stage: Stage, result: StageResult) -> None:

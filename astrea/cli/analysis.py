@@ -8,6 +8,10 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import user_errors
+from astrea.cli._defaults import unset_option
+
+# eval/report options set EvalConfig; None = not given (EvalConfig's default, shown in --help)
+EV = "astrea.train.eval:EvalConfig."
 
 EVAL_HELP = """Held-out metrics of a training run; writes RUN/eval.json and RUN/eval.md.
 
@@ -42,43 +46,47 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def eval_cmd(
     run: Path = typer.Argument(..., help="Run directory (the --out of `astrea train`).", show_default=False),
-    max_samples: int = typer.Option(256, "--max-samples", help="Held-out images scored (per task for the main stage)."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    max_samples: Optional[int] = unset_option(EV + "max_samples", "--max-samples", help="Held-out images scored (per task for the main stage)."),
+    batch_size: Optional[int] = unset_option(EV + "batch_size", "--batch-size", "-b", help="Images per forward pass."),
+    device: Optional[str] = unset_option(EV + "device", "--device", help="auto | cpu | cuda | cuda:N."),
     store: Optional[Path] = typer.Option(None, "--store", help="The store's path if it moved since training."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [default: the run's newest]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory \\[default: the run's newest]."),
     instructions: list[Path] = typer.Option(
         [], "--instructions",
         help="LLaVA-format instruction JSON/JSONL: held-out answer accuracy and L_reg with the permuted-image control (repeatable).",
     ),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens generated per answer (--instructions)."),
+    max_new_tokens: Optional[int] = unset_option(EV + "max_new_tokens", "--max-new-tokens", help="Tokens generated per answer (--instructions)."),
     residual_at_eval: Optional[str] = typer.Option(
         None, "--residual-at-eval",
-        help="Score the same weights with another residual.at_eval: expectation | average | all [default: the run's own].",
+        help="Score the same weights with another residual.at_eval: expectation | average | all \\[default: the run's own].",
     ),
 ) -> None:
     from astrea.train.eval import EVAL_JSON, EVAL_MD, EvalConfig, evaluate
 
+    given = _given(max_samples=max_samples, batch_size=batch_size, device=device, max_new_tokens=max_new_tokens)
     m = evaluate(
-        EvalConfig(run=str(run), max_samples=max_samples, batch_size=batch_size, device=device,
-                   store=str(store) if store else "", weights=str(weights) if weights else "",
-                   residual_at_eval=residual_at_eval or "", instructions=[str(p) for p in instructions],
-                   max_new_tokens=max_new_tokens)
+        EvalConfig(run=str(run), store=str(store) if store else "", weights=str(weights) if weights else "",
+                   residual_at_eval=residual_at_eval or "", instructions=[str(p) for p in instructions], **given)
     )
     typer.echo((run / EVAL_MD).read_text())
     typer.echo(f"wrote {run / EVAL_JSON} and {run / EVAL_MD}" + (" (RANDOM WEIGHTS)" if any("RANDOM" in n for n in m["notes"]) else ""))
+
+
+def _given(**options: object) -> dict[str, object]:
+    """The options the user gave (None: not given, the config's default applies)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @user_errors
 def report_cmd(
     run: Path = typer.Argument(..., help="Run directory (the --out of `astrea train`).", show_default=False),
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not run `astrea eval` when RUN/eval.json is missing."),
-    max_samples: int = typer.Option(256, "--max-samples", help="Held-out images, when eval runs first."),
-    device: str = typer.Option("auto", "--device", help="Device, when eval runs first."),
+    max_samples: Optional[int] = unset_option(EV + "max_samples", "--max-samples", help="Held-out images, when eval runs first."),
+    device: Optional[str] = unset_option(EV + "device", "--device", help="Device, when eval runs first."),
 ) -> None:
     from astrea.train.report import report
 
-    path = report(run, evaluate=not no_eval, eval_kwargs={"max_samples": max_samples, "device": device})
+    path = report(run, evaluate=not no_eval, eval_kwargs=_given(max_samples=max_samples, device=device))
     typer.echo(f"wrote {path}")
 
 
@@ -88,8 +96,8 @@ def sweep_cmd(
     from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store for every variant (overrides the file)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset in the store (overrides the file)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep directory (overrides `out:`)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per stage for every variant."),
-    device: Optional[str] = typer.Option(None, "--device", help="Device for every variant."),
+    steps: Optional[int] = unset_option("astrea.train.config:TrainConfig.steps", "--steps", help="Optimizer steps per stage for every variant."),
+    device: Optional[str] = unset_option("astrea.train.config:TrainConfig.device", "--device", help="Device for every variant."),
 ) -> None:
     from astrea.train.sweep import load_sweep, run_sweep
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import AstreaError, user_errors
+from astrea.cli._defaults import unset_option
 
 SAMPLE_HELP = """Write the embedded sample dataset in img2dataset's WebDataset format and register it as `sample`.
 
@@ -76,110 +77,111 @@ def register(app: typer.Typer) -> None:
              "catalog name or a path; formats: webdataset (img2dataset output), coco, folder.",
         no_args_is_help=True)
     app.add_typer(data_app, name="data")
+    for name, fn, text in (("sample", sample, SAMPLE_HELP), ("add", add, ADD_HELP), ("ls", ls, None),
+                           ("instructions", instructions, INSTRUCTIONS_HELP), ("rm", rm, None)):
+        data_app.command(name, help=text)(user_errors(_data_errors(fn)))
 
-    @data_app.command("sample", help=SAMPLE_HELP)
-    @user_errors
-    @_data_errors
-    def sample(
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: $ASTREA_HOME/sample]."),
-        images: int = typer.Option(24, "--images", "-n", help="Good images in all (photos + generated scenes)."),
-        shards: int = typer.Option(2, "--shards", "-s", help="Number of NNNNN.tar shards."),
-        seed: int = typer.Option(0, "--seed", help="Seed: same seed and options give byte-identical shards."),
-        no_bad: bool = typer.Option(False, "--no-bad", help="Leave out the two deliberately broken members."),
-        force: bool = typer.Option(False, "--force", help="Rewrite even when an identical sample is there."),
-        no_register: bool = typer.Option(False, "--no-register", help="Do not record it as `sample` in the catalog."),
-    ) -> None:
-        from astrea.data import open_source
-        from astrea.data.sample import ensure_sample
 
-        path = ensure_sample(out, images=images, shards=shards, seed=seed, bad=not no_bad,
-                             register=not no_register, force=force)
-        shard_list = open_source(str(path), format="webdataset").shards()
-        total = sum(len(s) for s in shard_list)
-        typer.echo(f"sample dataset: {path}  ({len(shard_list)} shards, {total} images"
-                   f"{', 2 of them deliberately broken' if not no_bad else ''})")
-        if not no_register:
-            typer.echo("registered as `sample`: astrea extract --expert all --data sample --weights random --small")
+# `astrea data sample` sets ensure_sample's parameters: None = not given (its default, shown in --help;
+# read from there only when the help is printed: the sample module imports numpy)
+_SAMPLE = "astrea.data.sample:ensure_sample."
 
-    @data_app.command("add", help=ADD_HELP)
-    @user_errors
-    @_data_errors
-    def add(
-        name: str = typer.Argument(..., help="Catalog name (letters, digits, _ and -); becomes the store's DATASET."),
-        path: Path = typer.Argument(..., help="Dataset directory (or one .tar shard)."),
-        format: Optional[str] = typer.Option(None, "--format", "-f", help="webdataset | coco | folder [detected]."),
-        option: list[str] = typer.Option([], "--option", help="Reader option KEY=VALUE (shard_size, split, ...)."),
-        no_check: bool = typer.Option(False, "--no-check", help="Record without opening the path (e.g. not mounted yet)."),
-    ) -> None:
-        from astrea.data import catalog_add
 
-        entry = catalog_add(name, path, format, _options(option), check=not no_check)
-        typer.echo(f"{name}: {entry['format']} at {entry['path']}")
+def sample(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory \\[default: $ASTREA_HOME/sample]."),
+    images: Optional[int] = unset_option(_SAMPLE + "images", "--images", "-n", help="Good images in all (photos + generated scenes)."),
+    shards: Optional[int] = unset_option(_SAMPLE + "shards", "--shards", "-s", help="Number of NNNNN.tar shards."),
+    seed: Optional[int] = unset_option(_SAMPLE + "seed", "--seed", help="Seed: same seed and options give byte-identical shards."),
+    no_bad: bool = typer.Option(False, "--no-bad", help="Leave out the two deliberately broken members."),
+    force: bool = typer.Option(False, "--force", help="Rewrite even when an identical sample is there."),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not record it as `sample` in the catalog."),
+) -> None:
+    from astrea.data import open_source
+    from astrea.data.sample import ensure_sample
 
-    @data_app.command("ls")
-    @user_errors
-    @_data_errors
-    def ls(
-        no_count: bool = typer.Option(False, "--no-count", help="Do not open the datasets to count shards."),
-    ) -> None:
-        """The catalog: name, format, path, shards (`-` when the path is missing or unreadable, with why)."""
-        from astrea.data import catalog, open_source
+    given = {k: v for k, v in {"images": images, "shards": shards, "seed": seed}.items() if v is not None}
+    path = ensure_sample(out, bad=not no_bad, register=not no_register, force=force, **given)
+    shard_list = open_source(str(path), format="webdataset").shards()
+    total = sum(len(s) for s in shard_list)
+    typer.echo(f"sample dataset: {path}  ({len(shard_list)} shards, {total} images"
+               f"{', 2 of them deliberately broken' if not no_bad else ''})")
+    if not no_register:
+        typer.echo("registered as `sample`: astrea extract --expert all --data sample --weights random --small")
 
-        entries = catalog()
-        if not entries:
-            typer.echo("catalog is empty: `astrea data sample` writes and registers `sample`; "
-                       "`astrea data add NAME PATH` registers your own")
-            return
-        rows = []
-        for name, e in sorted(entries.items()):
-            shards, note = "-", ""
-            if not no_count:
-                try:
-                    shards = str(len(open_source(name).shards()))
-                except Exception as ex:  # one broken entry must not hide the others
-                    note = f"  ({type(ex).__name__}: {ex.args[0] if ex.args else ex})"
-            rows.append((name, str(e.get("format", "?")), str(e["path"]), shards + note))
-        head = ("name", "format", "path", "shards")
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        for r in (head, *rows):
-            typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
-    @data_app.command("instructions", help=INSTRUCTIONS_HELP)
-    @user_errors
-    @_data_errors
-    def instructions(
-        files: list[Path] = typer.Argument(..., help="LLaVA-format instruction JSON / JSONL file(s).", show_default=False),
-        store: Optional[Path] = typer.Option(None, "--store", help="Feature store [default: ASTREA_HOME config 'store']."),
-        data: str = typer.Option(..., "--data", "-d", help="Dataset name inside the store."),
-        experts: Optional[str] = typer.Option(None, "--experts", help="Experts an image needs (comma-separated) [all in the dataset]."),
-        match: str = typer.Option("auto", "--match", help="Image -> key: auto | key | stem (docs/main_stage.md)."),
-        limit: int = typer.Option(50, "--limit", help="Unmatched records listed at most (0: all)."),
-    ) -> None:
-        from astrea.train.instructions import InstructionConfig, join, store_keys
+def add(
+    name: str = typer.Argument(..., help="Catalog name (letters, digits, _ and -); becomes the store's DATASET."),
+    path: Path = typer.Argument(..., help="Dataset directory (or one .tar shard)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="webdataset | coco | folder [detected]."),
+    option: list[str] = typer.Option([], "--option", help="Reader option KEY=VALUE (shard_size, split, ...)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Record without opening the path (e.g. not mounted yet)."),
+) -> None:
+    from astrea.data import catalog_add
 
-        if store is None:
-            from astrea.config import default_store
+    entry = catalog_add(name, path, format, _options(option), check=not no_check)
+    typer.echo(f"{name}: {entry['format']} at {entry['path']}")
 
-            store = Path(default_store())
-        from astrea.shards import Store
 
-        names = [e.strip() for e in experts.split(",")] if experts else sorted(
-            {p.name.split("@", 1)[0] for p in Store(store).expert_dirs(data)})
-        joined = join(InstructionConfig(files=[str(f) for f in files], match=match).build(),
-                      store_keys(str(store), data, names), match)
-        typer.echo(joined.summary() + f" (experts: {', '.join(names)})")
-        shown = joined.unmatched if limit == 0 else joined.unmatched[:limit]
-        for c in shown:
-            typer.echo(f"unmatched\t{c.id}\t{c.image}\t{c.source}")
-        if len(shown) < len(joined.unmatched):
-            typer.echo(f"... and {len(joined.unmatched) - len(shown)} more (--limit 0 lists all)")
+def ls(
+    no_count: bool = typer.Option(False, "--no-count", help="Do not open the datasets to count shards."),
+) -> None:
+    """The catalog: name, format, path, shards (`-` when the path is missing or unreadable, with why)."""
+    from astrea.data import catalog
 
-    @data_app.command("rm")
-    @user_errors
-    @_data_errors
-    def rm(name: str = typer.Argument(..., help="Catalog name to forget (the files are not touched).")) -> None:
-        """Remove a dataset from the catalog; its files stay where they are."""
-        from astrea.data import catalog_remove
+    entries = catalog()
+    if not entries:
+        typer.echo("catalog is empty: `astrea data sample` writes and registers `sample`; "
+                   "`astrea data add NAME PATH` registers your own")
+        return
+    rows = [(name, str(e.get("format", "?")), str(e["path"]), "-" if no_count else _shard_count(name))
+            for name, e in sorted(entries.items())]
+    head = ("name", "format", "path", "shards")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    for r in (head, *rows):
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
-        catalog_remove(name)
-        typer.echo(f"removed {name} from the catalog")
+
+def _shard_count(name: str) -> str:
+    """The entry's shard count, or `-` and why it could not be opened."""
+    from astrea.data import open_source
+
+    try:
+        return str(len(open_source(name).shards()))
+    except Exception as ex:  # one broken entry must not hide the others
+        return f"-  ({type(ex).__name__}: {ex.args[0] if ex.args else ex})"
+
+
+def instructions(
+    files: list[Path] = typer.Argument(..., help="LLaVA-format instruction JSON / JSONL file(s).", show_default=False),
+    store: Optional[Path] = typer.Option(None, "--store", help="Feature store \\[default: ASTREA_HOME config 'store']."),
+    data: str = typer.Option(..., "--data", "-d", help="Dataset name inside the store."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="Experts an image needs (comma-separated) [all in the dataset]."),
+    match: Optional[str] = unset_option("astrea.train.instructions:InstructionConfig.match", "--match",
+                              help="Image -> key: auto | key | stem (docs/main_stage.md)."),
+    limit: int = typer.Option(50, "--limit", help="Unmatched records listed at most (0: all)."),
+) -> None:
+    from astrea.shards import Store
+    from astrea.train.instructions import InstructionConfig, join, store_keys
+
+    if store is None:
+        from astrea.config import default_store
+
+        store = Path(default_store())
+    names = [e.strip() for e in experts.split(",")] if experts else sorted(
+        {p.name.split("@", 1)[0] for p in Store(store).expert_dirs(data)})
+    icfg = InstructionConfig(files=[str(f) for f in files], **({"match": match} if match is not None else {}))
+    joined = join(icfg.build(), store_keys(str(store), data, names), icfg.match)
+    typer.echo(joined.summary() + f" (experts: {', '.join(names)})")
+    shown = joined.unmatched if limit == 0 else joined.unmatched[:limit]
+    for c in shown:
+        typer.echo(f"unmatched\t{c.id}\t{c.image}\t{c.source}")
+    if len(shown) < len(joined.unmatched):
+        typer.echo(f"... and {len(joined.unmatched) - len(shown)} more (--limit 0 lists all)")
+
+
+def rm(name: str = typer.Argument(..., help="Catalog name to forget (the files are not touched).")) -> None:
+    """Remove a dataset from the catalog; its files stay where they are."""
+    from astrea.data import catalog_remove
+
+    catalog_remove(name)
+    typer.echo(f"removed {name} from the catalog")

@@ -8,6 +8,11 @@ from typing import Any
 import typer
 
 from astrea.cli._common import user_errors
+from astrea.cli._defaults import field_option
+
+# the table's grid and dtype default to what an extraction writes (ExpertConfig's storage settings)
+_EXPERT = "astrea.extract.experts.registry:ExpertConfig."
+
 
 def bytes_per_image(token_dim: int, pooled_dim: int, grid: int, dtype: str) -> int:
     """Array bytes one image costs in the store: tokens [grid*grid, D] + pooled [D'] (before compression;
@@ -55,8 +60,8 @@ def register(app: typer.Typer) -> None:
     @experts_app.command("ls")
     @user_errors
     def ls(
-        grid: int = typer.Option(24, "--grid", help="Token grid used for the bytes-per-image column."),
-        dtype: str = typer.Option("float16", "--dtype", help="Storage dtype for the bytes-per-image column."),
+        grid: int = field_option(_EXPERT + "grid", "--grid", help="Token grid used for the bytes-per-image column."),
+        dtype: str = field_option(_EXPERT + "dtype", "--dtype", help="Storage dtype for the bytes-per-image column."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
     ) -> None:
         """List experts (stage order), their variants, token dims, image size, default weights and bytes per

@@ -9,6 +9,10 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import user_errors
+from astrea.cli._defaults import field_option
+
+# the config every option below sets; each option's default is read from its field
+E = "astrea.extract.config:ExtractConfig."
 
 HELP = """Run frozen experts over an image source into the feature store (a Ray job).
 
@@ -34,32 +38,32 @@ def register(app: typer.Typer) -> None:
 def extract(
     expert: list[str] = typer.Option(..., "--expert", "-e", help="Expert to run: siglip, ram_plus, grounding_dino, sam2, or all (repeatable; run in stage order)."),
     data: str = typer.Option(..., "--data", "-d", help="Image source: a catalog name (astrea data ls), or a path (img2dataset WebDataset dir, image folder)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Feature store directory [default: config 'store', else ./store]."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name inside the store [default: the source's name]."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Feature store directory \\[default: config 'store', else ./store]."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name inside the store \\[default: the source's name]."),
     source_format: Optional[str] = typer.Option(None, "--source-format", help="Source format when it cannot be detected (see astrea data)."),
     arch: list[str] = typer.Option([], "--arch", help="Architecture variant, EXPERT=VARIANT or VARIANT for all (see astrea experts ls)."),
-    weights: list[str] = typer.Option([], "--weights", "-w", help="random | hub id | local path; EXPERT=... for one expert [default: the variant's hub id; random for --small]."),
-    small: bool = typer.Option(False, "--small", help="Each expert's small test/demo variant (random weights; fast on CPU)."),
+    weights: list[str] = typer.Option([], "--weights", "-w", help="random | hub id | local path; EXPERT=... for one expert \\[default: the variant's hub id; random for --small]."),
+    small: bool = field_option(E + "small", "--small", help="Each expert's small test/demo variant (random weights; fast on CPU)."),
     option: list[str] = typer.Option([], "--option", help="Expert-specific setting EXPERT.KEY=VALUE (JSON value), e.g. grounding_dino.box_threshold=0.3."),
-    fmt: str = typer.Option("zarr", "--format", help="Unit format: zarr | wds."),
-    codec: str = typer.Option("raw", "--codec", help="Array codec of zarr units: raw (default: near raw-file speed) | zstd (~8% smaller at float16, ~30x the read CPU). Part of the fingerprint."),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of tokens and pooled: float16 | bfloat16 | float32 | int8 (per-token scale: 0.5x the bytes of float16, dequantised to float32 on read; docs/store.md)."),
-    grid: int = typer.Option(24, "--grid", help="Tokens are resampled to GRID x GRID (24 -> 576 tokens)."),
-    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
-    seed: int = typer.Option(0, "--seed", help="Init seed for random weights."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda when the actors hold GPUs)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Images per forward pass on an inference actor."),
-    image_timeout: float = typer.Option(120.0, "--image-timeout", help="Deadline in seconds per image: a unit fails (reason in the report; a rerun retries it) and its worker is replaced when the worker makes no progress for IMAGE_TIMEOUT x --batch-size seconds (a source read or forward that hangs)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Inference actors [default: one per GPU of the cluster, 1 without GPUs]."),
-    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per inference actor [default: 1 if the cluster has GPUs, else 0]."),
-    cpus_per_task: float = typer.Option(1.0, "--cpus-per-task", help="CPUs per decode/preprocess task."),
-    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs per inference actor = its torch CPU threads (the forward on CPU; output conversion and writing on a GPU)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto, ray://host:10001) [default: start a local one for the job]."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray cluster [default: all]."),
+    fmt: str = field_option(E + "format", "--format", help="Unit format: zarr | wds."),
+    codec: str = field_option(E + "codec", "--codec", help="Array codec of zarr units: raw (default: near raw-file speed) | zstd (~8% smaller at float16, ~30x the read CPU). Part of the fingerprint."),
+    dtype: str = field_option(E + "dtype", "--dtype", help="Storage dtype of tokens and pooled: float16 | bfloat16 | float32 | int8 (per-token scale: 0.5x the bytes of float16, dequantised to float32 on read; docs/store.md)."),
+    grid: int = field_option(E + "grid", "--grid", help="Tokens are resampled to GRID x GRID (24 -> 576 tokens)."),
+    compute_dtype: str = field_option(E + "compute_dtype", "--compute-dtype", help="Model compute dtype: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
+    seed: int = field_option(E + "seed", "--seed", help="Init seed for random weights."),
+    device: str = field_option(E + "device", "--device", help="auto | cpu | cuda | cuda:N (auto: cuda when the actors hold GPUs)."),
+    batch_size: int = field_option(E + "batch_size", "--batch-size", "-b", help="Images per forward pass on an inference actor."),
+    image_timeout: float = field_option(E + "image_timeout_s", "--image-timeout", help="Deadline in seconds per image: a unit fails (reason in the report; a rerun retries it) and its worker is replaced when the worker makes no progress for IMAGE_TIMEOUT x --batch-size seconds (a source read or forward that hangs)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Inference actors \\[default: one per GPU of the cluster, 1 without GPUs]."),
+    num_gpus: Optional[float] = typer.Option(None, "--num-gpus", help="GPUs per inference actor \\[default: 1 if the cluster has GPUs, else 0]."),
+    cpus_per_task: float = field_option(E + "cpus_per_task", "--cpus-per-task", help="CPUs per decode/preprocess task."),
+    cpus_per_worker: float = field_option(E + "cpus_per_worker", "--cpus-per-worker", help="CPUs per inference actor = its torch CPU threads (the forward on CPU; output conversion and writing on a GPU)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Existing Ray cluster (e.g. auto, ray://host:10001) \\[default: start a local one for the job]."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray cluster \\[default: all]."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Whole shards, in order, until they hold at least this many images (a unit is never partial)."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Subset of source shards: names and inclusive ranges, e.g. 00000,00003-00005."),
-    prerequisite: list[str] = typer.Option([], "--prerequisite", help="Which stored outputs prompt a dependent expert, e.g. ram_plus@1a2b3c4d5e6f [default: this run's, else the store's only one]."),
-    without_prerequisites: bool = typer.Option(False, "--without-prerequisites", help="Run grounding_dino / sam2 on their fallback prompts (default vocabulary / point grid) instead of stored tags / boxes."),
+    prerequisite: list[str] = typer.Option([], "--prerequisite", help="Which stored outputs prompt a dependent expert, e.g. ram_plus@1a2b3c4d5e6f \\[default: this run's, else the store's only one]."),
+    without_prerequisites: bool = field_option(E + "without_prerequisites", "--without-prerequisites", help="Run grounding_dino / sam2 on their fallback prompts (default vocabulary / point grid) instead of stored tags / boxes."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     report_json: Optional[Path] = typer.Option(None, "--report", help="Also write the job report (JSON) here."),
 ) -> None:

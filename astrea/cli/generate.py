@@ -8,6 +8,10 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import user_errors
+from astrea.cli._defaults import unset_option
+
+# the options set GenerateConfig; None = not given (GenerateConfig's default, shown in --help)
+G = "astrea.generate:GenerateConfig."
 
 HELP = """Answer a prompt about one image with a trained run, streaming the answer to the terminal.
 
@@ -35,19 +39,20 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="Image file (experts run online)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset in the store [the run's]."),
     store: Optional[Path] = typer.Option(None, "--store", help="The store's path if it moved since training."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens generated at most."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    max_new_tokens: Optional[int] = unset_option(G + "max_new_tokens", "--max-new-tokens", help="Tokens generated at most."),
+    temperature: Optional[float] = unset_option(G + "temperature", "--temperature", help="0: greedy; > 0: sample."),
+    top_p: Optional[float] = unset_option(G + "top_p", "--top-p", help="Nucleus sampling mass (with --temperature)."),
+    seed: Optional[int] = unset_option(G + "seed", "--seed", help="Sampling seed."),
+    device: Optional[str] = unset_option(G + "device", "--device", help="auto | cpu | cuda | cuda:N."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights file or checkpoint directory [the run's newest]."),
 ) -> None:
     from astrea.generate import GenerateConfig, run_generate
 
+    given = {k: v for k, v in {"device": device, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                               "top_p": top_p, "seed": seed}.items() if v is not None}
     cfg = GenerateConfig(run=str(run), prompt=prompt, key=key or "", image=str(image) if image else "",
-                         data=data or "", store=str(store) if store else "", device=device,
-                         weights=str(weights) if weights else "", max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seed=seed)
+                         data=data or "", store=str(store) if store else "",
+                         weights=str(weights) if weights else "", **given)
     out = run_generate(cfg, on_text=lambda piece: typer.echo(piece, nl=False))
     typer.echo("")
     if out["random_weights"]:

@@ -8,6 +8,10 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import user_errors
+from astrea.cli._defaults import unset_option
+
+# the config the options set: None = not given (the --config file, else TrainConfig's default, shown in --help)
+T = "astrea.train.config:TrainConfig."
 
 HELP = """Train Astrea's light parts against an LLM by streaming the feature store (never runs an expert).
 
@@ -31,25 +35,25 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def train(
-    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store directory [default: config file, else ASTREA_HOME config 'store']."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Dataset name inside the store."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, summary)."),
+    from_shards: Optional[Path] = typer.Option(None, "--from-shards", help="Feature store directory \\[default: config file, else ASTREA_HOME config 'store']."),
+    data: Optional[str] = unset_option(T + "data", "--data", "-d", shown=False, help="Dataset name inside the store."),
+    out: Optional[Path] = unset_option(T + "out", "--out", "-o", shown=False, help="Run directory (checkpoints, metrics, summary)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file with TrainConfig fields."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated stage order, e.g. caption,classification or caption,all."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per stage."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Samples per micro-batch per process."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [1e-4]."),
-    llm: Optional[str] = typer.Option(None, "--llm", help="Causal LM: hub id, local directory, or tiny-random (random weights, tests/demo)."),
-    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters on the LLM (peft)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    stages: Optional[str] = unset_option(T + "stages", "--stages", help="Comma-separated stage order, e.g. caption,classification or caption,all."),
+    steps: Optional[int] = unset_option(T + "steps", "--steps", help="Optimizer steps per stage."),
+    batch_size: Optional[int] = unset_option(T + "batch_size", "--batch-size", "-b", help="Samples per micro-batch per process."),
+    grad_accum: Optional[int] = unset_option(T + "optim.grad_accum", "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: Optional[float] = unset_option(T + "optim.lr", "--lr", help="Peak learning rate."),
+    llm: Optional[str] = unset_option(T + "llm.name", "--llm", help="Causal LM: hub id, local directory, or tiny-random (random weights, tests/demo)."),
+    lora: Optional[bool] = unset_option(T + "llm.lora", "--lora/--no-lora", help="Train LoRA adapters on the LLM (peft)."),
+    device: Optional[str] = unset_option(T + "device", "--device", help="auto | cpu | cuda | cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its latest checkpoint (exactly where it stopped)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: stage ends only)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (data parallel)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --workers (auto, ray://host:10001)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for shuffling, init and residual draws."),
+    save_every: Optional[int] = unset_option(T + "save_every", "--save-every", help="Checkpoint every N steps (0: stage ends only)."),
+    workers: Optional[int] = unset_option(T + "workers", "--workers", help="Ray Train workers (data parallel)."),
+    address: Optional[str] = unset_option(T + "address", "--address", shown=False, help="Ray cluster address for --workers (auto, ray://host:10001)."),
+    seed: Optional[int] = unset_option(T + "seed", "--seed", help="Seed for shuffling, init and residual draws."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Main stage: experts mixed per token, 1..4 [3] (Tab. 3; = --set moe.top_k=K)."),
+    top_k: Optional[int] = unset_option(T + "moe.top_k", "--top-k", help="Main stage: experts mixed per token, 1..4 (Tab. 3; = --set moe.top_k=K)."),
     no_residual: bool = typer.Option(False, "--no-residual", help="No random residual attention (Tab. 4; = --set residual.enabled=false)."),
     no_moco: bool = typer.Option(False, "--no-moco", help="Main stage without MoCo (Tab. 4; = --set moco.enabled=false)."),
     instructions: list[Path] = typer.Option([], "--instructions", help="Main stage: LLaVA-format instruction JSON/JSONL joined with the store by image (repeatable; = instructions.files)."),

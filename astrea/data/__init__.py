@@ -8,7 +8,7 @@ for shard in src.shards():                   # shard.name == "00000": the store 
         ...
 ```
 
-Formats are registered by name in :data:`FORMATS` (a format = a factory ``(path, name=None,
+Formats are registered by name in :data:`SOURCE_FORMATS` (a format = a factory ``(path, name=None,
 **options) -> Source``); nothing else dispatches on format names. The catalog lives in
 ``$ASTREA_HOME/config.yaml`` under ``datasets:`` (see :mod:`astrea.config`). Importing this package
 is cheap: no torch, no pyarrow, no PIL.
@@ -22,16 +22,16 @@ from typing import Any
 from astrea.data.base import DataError, Sample, Source, SourceShard
 from astrea.registry import Registry, UnknownNameError
 
-__all__ = ["FORMATS", "DataError", "Sample", "Source", "SourceShard", "UnknownDatasetError", "catalog",
+__all__ = ["SOURCE_FORMATS", "DataError", "Sample", "Source", "SourceShard", "UnknownDatasetError", "catalog",
            "catalog_add", "catalog_remove", "detect_format", "open_source"]
 
-FORMATS: Registry[Any] = Registry("data format")
-FORMATS.register("webdataset", "astrea.data.webdataset:open_webdataset",
-                 "img2dataset output: NNNNN.tar (KEY.jpg/.txt/.json) + NNNNN.parquet + NNNNN_stats.json")
-FORMATS.register("coco", "astrea.data.coco:CocoSource",
-                 "COCO: images + annotations/instances_SPLIT.json and/or captions_SPLIT.json")
-FORMATS.register("folder", "astrea.data.folder:FolderSource",
-                 "a folder of images (recursive, sorted), sidecar KEY.txt captions")
+SOURCE_FORMATS: Registry[Any] = Registry("data format")
+SOURCE_FORMATS.register("webdataset", "astrea.data.webdataset:open_webdataset",
+                        "img2dataset output: NNNNN.tar (KEY.jpg/.txt/.json) + NNNNN.parquet + NNNNN_stats.json")
+SOURCE_FORMATS.register("coco", "astrea.data.coco:CocoSource",
+                        "COCO: images + annotations/instances_SPLIT.json and/or captions_SPLIT.json")
+SOURCE_FORMATS.register("folder", "astrea.data.folder:FolderSource",
+                        "a folder of images (recursive, sorted), sidecar KEY.txt captions")
 
 # Names a catalog entry may have: they become store directory names (STORE/DATASET/...).
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -81,7 +81,7 @@ def catalog_add(name: str, path: str | Path, format: str | None = None, options:
     check_dataset_name(name)
     p = Path(path).expanduser().resolve()
     fmt = format or detect_format(p)
-    FORMATS.get(fmt)  # unknown format -> lists the valid ones
+    SOURCE_FORMATS.get(fmt)  # unknown format -> lists the valid ones
     if check:
         src = _build(p, fmt, name, options or {})
         if not src.shards():
@@ -112,7 +112,7 @@ def detect_format(path: str | Path) -> str:
         if p.name.endswith(".tar"):
             return "webdataset"
         raise DataError(f"{p}: a data source is a directory (or one .tar shard), not a file; "
-                        f"formats: {', '.join(FORMATS.names())}")
+                        f"formats: {', '.join(SOURCE_FORMATS.names())}")
     if any(c.name.endswith(".tar") and c.is_file() for c in p.iterdir()):
         return "webdataset"
     ann = p / "annotations"
@@ -122,7 +122,7 @@ def detect_format(path: str | Path) -> str:
 
 
 def _build(path: Path, fmt: str, name: str | None, options: dict[str, Any]) -> Source:
-    factory = FORMATS.get(fmt)
+    factory = SOURCE_FORMATS.get(fmt)
     try:
         return factory(path, name=name, **options)
     except TypeError as e:  # an option the format does not take
@@ -156,3 +156,12 @@ def open_source(name_or_path: str | Path, format: str | None = None, **options: 
 
         return _build(ensure_sample(), format or "webdataset", "sample", options)
     raise UnknownDatasetError(key, list(entries))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FORMATS":  # the old name of SOURCE_FORMATS (astrea.schemas and astrea.shards had their own FORMATS)
+        import warnings
+
+        warnings.warn("astrea.data.FORMATS is renamed SOURCE_FORMATS", DeprecationWarning, stacklevel=2)
+        return SOURCE_FORMATS
+    raise AttributeError(f"module 'astrea.data' has no attribute {name!r}")

@@ -395,6 +395,48 @@ class GroundingDinoPreprocessor:
         return x.float().contiguous()
 
 
+def _preprocessing_spec(ip: Any) -> dict[str, Any]:
+    """The spec's ``preprocessing``: what the reference image processor ``ip`` does (part of the fingerprint)."""
+    return {
+        "input": "RGB PIL image (grayscale/CMYK/alpha/16-bit converted by astrea.extract.experts.common)",
+        "processor": "transformers GroundingDinoImageProcessor (TorchvisionBackend)",
+        "size": {k: int(x) for k, x in dict(ip.size).items() if x is not None},
+        "resample": _resample_name(ip.resample),
+        "rescale_factor": float(ip.rescale_factor),
+        "mean": [float(x) for x in ip.image_mean],
+        "std": [float(x) for x in ip.image_std],
+        "padding": "bottom/right zeros to the batch max + pixel_mask (collate), as the processor pads",
+    }
+
+
+def _spec_config(
+    cfg: ExpertConfig, mc: Any, opts: GroundingDinoOptions, tokenizer_desc: dict[str, Any]
+) -> dict[str, Any]:
+    """The spec's ``config``: options, prompt and token rules, the model's shape (``mc``: its config) and
+    the compute dtype (part of the fingerprint)."""
+    return {
+        **opts.to_spec(),
+        "prompt": "ram_plus tags (score order) else vocabulary; 'a . b .'; whole tags truncated to max_text_len",
+        "max_text_len": int(mc.max_text_len),
+        "tokenizer": tokenizer_desc,
+        "tokens": f"encoder vision output, level {opts.token_level} (0 = stride 8), valid area, resampled",
+        "pooled": "mean of the grid tokens",
+        "model_config": {
+            "backbone": {
+                k: mc.backbone_config.to_dict()[k] for k in ("embed_dim", "depths", "num_heads", "window_size")
+            },
+            "text_hidden_size": int(mc.text_config.hidden_size),
+            "text_layers": int(mc.text_config.num_hidden_layers),
+            "d_model": int(mc.d_model),
+            "encoder_layers": int(mc.encoder_layers),
+            "decoder_layers": int(mc.decoder_layers),
+            "num_queries": int(mc.num_queries),
+            "num_feature_levels": int(mc.num_feature_levels),
+        },
+        "compute_dtype": cfg.compute_dtype,
+    }
+
+
 class GroundingDinoExpert(Expert):
     name = NAME
     prerequisites = expert_prerequisites(NAME)  # the stage table: classification's tags prompt detection
@@ -441,38 +483,8 @@ class GroundingDinoExpert(Expert):
                 f"grounding_dino: weights {cfg.weights!r} have d_model={d_model}, arch {arch_name!r} expects "
                 f"{v.token_dim}; pass the arch these weights belong to (--arch)"
             )
-        ip = processor.image_processor
-        self.preprocessing = {
-            "input": "RGB PIL image (grayscale/CMYK/alpha/16-bit converted by astrea.extract.experts.common)",
-            "processor": "transformers GroundingDinoImageProcessor (TorchvisionBackend)",
-            "size": {k: int(x) for k, x in dict(ip.size).items() if x is not None},
-            "resample": _resample_name(ip.resample),
-            "rescale_factor": float(ip.rescale_factor),
-            "mean": [float(x) for x in ip.image_mean],
-            "std": [float(x) for x in ip.image_std],
-            "padding": "bottom/right zeros to the batch max + pixel_mask (collate), as the processor pads",
-        }
-        config = {
-            **opts.to_spec(),
-            "prompt": "ram_plus tags (score order) else vocabulary; 'a . b .'; whole tags truncated to max_text_len",
-            "max_text_len": self.max_text_len,
-            "tokenizer": tokenizer_desc,
-            "tokens": f"encoder vision output, level {opts.token_level} (0 = stride 8), valid area, resampled",
-            "pooled": "mean of the grid tokens",
-            "model_config": {
-                "backbone": {
-                    k: mc.backbone_config.to_dict()[k] for k in ("embed_dim", "depths", "num_heads", "window_size")
-                },
-                "text_hidden_size": int(mc.text_config.hidden_size),
-                "text_layers": int(mc.text_config.num_hidden_layers),
-                "d_model": d_model,
-                "encoder_layers": int(mc.encoder_layers),
-                "decoder_layers": int(mc.decoder_layers),
-                "num_queries": self.num_queries,
-                "num_feature_levels": self.num_levels,
-            },
-            "compute_dtype": cfg.compute_dtype,
-        }
+        self.preprocessing = _preprocessing_spec(processor.image_processor)
+        config = _spec_config(cfg, mc, opts, tokenizer_desc)
         self.spec = spec_from_config(
             cfg, expert=NAME, arch=arch_name, weights_sha256=weights_sha,
             weights_file_sha256=weights_file_sha256, preprocessing=self.preprocessing, token_dim=d_model, pooled_dim=d_model,

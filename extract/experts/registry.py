@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from astrea.registry import Registry, UnknownNameError, check_choice
-from astrea.schemas import FORMATS, STORAGE_DTYPES
-from astrea.schemas.expert_spec import CODECS
+from astrea.schemas import STORE_FORMATS, STORAGE_DTYPES
+from astrea.schemas.expert_spec import CODECS, DEFAULT_CODEC
 
 # Which stage each expert serves, their order and prerequisites: astrea.schemas.stages (the stage table).
 EXPERTS: Registry[Any] = Registry("expert")
@@ -58,7 +58,7 @@ class ExpertConfig:
     grid: int = 24
     dtype: str = "float16"  # storage dtype
     format: str = "zarr"  # storage format of the units
-    codec: str = "raw"  # array codec inside the unit (raw | zstd for zarr), part of the spec
+    codec: str = DEFAULT_CODEC  # array codec inside the unit (raw | zstd for zarr), part of the spec
     seed: int = 0
     device: str = "cpu"
     compute_dtype: str = "float32"  # model compute dtype: float32 | bfloat16 | float16
@@ -72,7 +72,7 @@ class ExpertConfig:
             if self.arch not in valid:
                 raise UnknownNameError(f"{self.name} arch", self.arch, valid)
         check_choice("dtype", self.dtype, STORAGE_DTYPES)
-        check_choice("format", self.format, FORMATS)
+        check_choice("format", self.format, STORE_FORMATS)
         check_choice("codec", self.codec, CODECS[self.format])
         check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
         if self.grid < 1:

@@ -7,16 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from astrea.shards import StoreError, UnitBusyError, UnitCommittedError
+from astrea.schemas import STORE_FORMATS
+from astrea.shards import UNIT_FORMATS, StoreError, UnitBusyError, UnitCommittedError
 from astrea.shards.dtypes import from_storage, to_storage
 from tests.shards.helpers import features, keys_of, make_spec, write_unit
 
-FORMATS = ["zarr", "wds"]
 DTYPES = ["float16", "bfloat16", "float32"]
 TOL = {"float16": 2e-3, "bfloat16": 8e-3, "float32": 0.0}  # relative, per storage dtype
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_store_format_has_one_implementation():
+    assert tuple(UNIT_FORMATS.names()) == STORE_FORMATS
+
+
+@pytest.mark.parametrize("fmt", STORE_FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_roundtrip(store, fmt, dtype):
     spec = make_spec(fmt=fmt, dtype=dtype)
@@ -67,7 +71,7 @@ def test_torch_bfloat16_input_is_accepted(store):
     np.testing.assert_array_equal(rec.tokens, t.float().numpy())  # bf16 -> bf16 is exact
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", STORE_FORMATS)
 def test_committed_unit_is_never_overwritten(store, fmt):
     edir = store.expert_dir("ds", make_spec(fmt=fmt), create=True)
     write_unit(edir, "00000")
@@ -94,7 +98,7 @@ def test_second_writer_of_a_unit_is_refused_until_the_first_ends(store):
     assert edir.temp_files() == [] and not [p for p in edir.path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", STORE_FORMATS)
 def test_abort_and_context_manager_leave_nothing(store, fmt):
     edir = store.expert_dir("ds", make_spec(fmt=fmt), create=True)
     w = edir.open_unit("00000")
@@ -111,7 +115,7 @@ def test_abort_and_context_manager_leave_nothing(store, fmt):
         w.add("b", t, p, out)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", STORE_FORMATS)
 def test_empty_unit_commits(store, fmt):
     edir = store.expert_dir("ds", make_spec(fmt=fmt), create=True)
     with edir.open_unit("00000") as w:

@@ -137,3 +137,38 @@ def test_one_shorthand_table_for_cli_and_sweep():
         "moco.enabled": True, "residual.enabled": False}
     for key, _ in SHORTHANDS.values():  # every target is a real field
         TrainConfig.load(None, {key: 1 if key.endswith("top_k") else True})
+
+
+# -- compute_dtype (the words of `astrea extract --compute-dtype`) and the legacy `precision` -----------
+
+@pytest.mark.parametrize("old,new", [("auto", "auto"), ("bf16", "bfloat16"), ("fp32", "float32")])
+def test_legacy_precision_loads_as_compute_dtype_with_one_warning(tmp_path, old, new):
+    """A run's config.yaml written before the rename holds `precision`; eval / --resume still read it."""
+    import warnings
+
+    import yaml
+
+    d = TrainConfig(store="/s", data="d", out="/o").to_dict()
+    d.pop("compute_dtype")
+    d["precision"] = old
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = TrainConfig.load(p)
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert len(deprecations) == 1 and "precision" in str(deprecations[0].message)
+    assert cfg.compute_dtype == new and "precision" not in cfg.to_dict()
+    cfg.validate()
+
+
+def test_compute_dtype_words_and_legacy_conflicts():
+    assert TrainConfig.load(None, {"compute_dtype": "bfloat16"}).compute_dtype == "bfloat16"
+    with pytest.warns(FutureWarning, match="precision"):
+        assert TrainConfig.load(None, {"precision": "fp32"}).compute_dtype == "float32"
+    with pytest.raises(TrainError, match="compute_dtype"):
+        TrainConfig.load(None, {"compute_dtype": "bf16", "store": "s", "data": "d", "out": "o"}).validate()
+    with pytest.raises(TrainError, match="both compute_dtype"):
+        TrainConfig.load(None, {"compute_dtype": "float32", "precision": "bf16"})
+    with pytest.raises(TrainError, match="precision='fp16'"):
+        TrainConfig.load(None, {"precision": "fp16"})
