@@ -31,7 +31,6 @@ still hold the exact expert fingerprints the run trained on (checked before anyt
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
