@@ -36,7 +36,7 @@ class DemoConfig:
     # warm-up on the sample's training-split targets (llm.text_warmup_*), then trains with the stages
     # (freeze_llm=False; the paper does not say whether its LLM is frozen in pre-alignment), with a BPE
     # tokenizer fitted on the same texts (llm.tokenizer). Measured on this sample (docs/train.md,
-    # benchmarks/tokenizer_gain.py): image gain 0.24 / 0.12 / 0.04 / 0.05 nats/token per stage with the
+    # benchmarks/image_gain.py): image gain 0.24 / 0.12 / 0.04 / 0.05 nats/token per stage with the
     # fitted tokenizer, 0.02-0.03 with bytes; 0.006-0.024 with the LLM frozen (bytes). lr 1e-3: the
     # paper's 1e-4 is for batch 128 over many thousands of steps, not 100 steps of 4.
     text_warmup_steps: int = 400

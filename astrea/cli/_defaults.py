@@ -104,3 +104,19 @@ def unset_option(target: str, *param_decls: str, shown: bool = True, **kwargs: A
     info = typer.Option(None, *param_decls, **kwargs)
     info.config_field = target  # type: ignore[attr-defined]
     return info
+
+
+def bound_overrides(command: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Dotted config overrides from a command's arguments: every option made by :func:`unset_option` or
+    :func:`field_option` sets the field it names, so the flag -> field mapping is written once, on the
+    option. ``values`` is the command's ``locals()``; paths become strings, None stays "not given"."""
+    from pathlib import PurePath
+
+    out: dict[str, Any] = {}
+    for name, p in inspect.signature(command).parameters.items():
+        target = getattr(p.default, "config_field", None)
+        if target is None:
+            continue
+        value = values[name]
+        out[target.partition(":")[2].split(".", 1)[1]] = str(value) if isinstance(value, PurePath) else value
+    return out

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from astrea.cli._common import user_errors
-from astrea.cli._defaults import unset_option
+from astrea.cli._defaults import bound_overrides, unset_option
 
 # the config the options set: None = not given (the --config file, else TrainConfig's default, shown in --help)
 T = "astrea.train.config:TrainConfig."
@@ -64,25 +64,13 @@ def train(
     from astrea.train.errors import TrainError
 
     overrides: dict[str, object] = {
+        **bound_overrides(train, locals()),  # every unset_option above, to the field it names
         "store": str(from_shards) if from_shards else None,
-        "data": data,
-        "out": str(out) if out else None,
-        "stages": stages,
-        "steps": steps,
-        "batch_size": batch_size,
-        "optim.grad_accum": grad_accum,
-        "optim.lr": lr,
-        "llm.name": llm,
-        "llm.lora": lora,
-        "device": device,
         "resume": True if resume else None,
-        "save_every": save_every,
-        "workers": workers,
-        "address": address,
-        "seed": seed,
         "progress": False if no_progress else None,
-        # the ablation flags go through the table the sweep's variant fields use
-        **shorthand_overrides({"top_k": top_k, "no_residual": no_residual or None, "no_moco": no_moco or None}),
+        # the negated ablation flags go through the table the sweep's variant fields use (--top-k is bound
+        # to the same field as that table's top_k: tests/cli/test_defaults.py checks)
+        **shorthand_overrides({"no_residual": no_residual or None, "no_moco": no_moco or None}),
         "instructions.files": [str(p) for p in instructions] or None,
     }
     for item in set_:

@@ -27,3 +27,21 @@ def test_bad_set_names_the_field(tmp_path):
                                    str(tmp_path / "run"), "--set", "optim.lrr=1"])
     assert res.exit_code == 2 and "optim.lrr" in res.output
 
+
+
+def test_every_flag_reaches_the_saved_config(toy_store, tmp_path):
+    """A real `astrea train`: each flag's value is what RUN/config.yaml records (flag -> field once, on the option)."""
+    import yaml
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "train", "--from-shards", str(toy_store), "--data", "toy", "--out", str(out), "--stages", "caption",
+        "--steps", "2", "--batch-size", "3", "--grad-accum", "2", "--lr", "0.000123", "--seed", "7",
+        "--save-every", "5", "--top-k", "2", "--no-residual", "--no-moco", "--device", "cpu", "--no-progress",
+        "--set", "llm.text_warmup_steps=0"])
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["stages"], cfg["steps"], cfg["batch_size"], cfg["seed"], cfg["save_every"]) == (["caption"], 2, 3, 7, 5)
+    assert cfg["optim"]["lr"] == 0.000123 and cfg["optim"]["grad_accum"] == 2 and cfg["device"] == "cpu"
+    assert cfg["moe"]["top_k"] == 2 and cfg["residual"]["enabled"] is False and cfg["moco"]["enabled"] is False
+    assert cfg["data"] == "toy" and cfg["out"] == str(out) and cfg["progress"] is False
