@@ -335,8 +335,11 @@ def _image_use(metrics: dict[str, Any]) -> tuple[str, bool]:
                    f"{GAIN_TARGET:g} nats/token below the permuted control.")
     elif positive:
         verdict = (f"**Every pre-alignment stage uses the image** (true images score below the permuted control), "
-                   f"but not every stage by the {GAIN_TARGET:g} nats/token this project aims for on the sample; more "
-                   "images (`--images`) and steps (`--steps`) widen the gap.")
+                   f"but not every stage by the {GAIN_TARGET:g} nats/token this project aims for on the sample. "
+                   "Each stage is scored with the final LLM, which the main stage trained after it: over 3 seeds "
+                   "the main stage took back about half of detection's and segmentation's gain in the measurements "
+                   "of docs/train.md (\"What costs detection and segmentation their gain\", "
+                   "benchmarks/image_gain.py; measured there, not in this run).")
     else:
         verdict = ("**Not every pre-alignment stage uses the image on this run** (a gain of 0 or less); more images "
                    "(`--images`) and steps (`--steps`) help.")
