@@ -1,25 +1,26 @@
 """Image gain of every pre-alignment stage on a demo store, for several training settings and seeds, in one run.
 
-For each setting and seed, trains on the same store with the demo's own settings (100 steps per stage,
-batch 4, lr 1e-3, the whole LLM trained after a 400-step text-only warm-up), then runs ``astrea eval`` and
-prints per pre-alignment stage: held-out L_reg with true and permuted images, the image gain per target
-token, and the image gain per *target* (nats per whole target text, summed over its tokens), which does
-not depend on how the text is cut into tokens. A last table gives each setting's mean and spread over
-the seeds.
+For each setting and seed, trains on the same store with ``astrea demo``'s own training settings
+(``DemoConfig.train_overrides``: 300 steps per stage, batch 4, lr 1e-3, the whole LLM trained after a
+400-step text-only warm-up, detection and segmentation targets from the sample's annotations, the main
+stage instruction-tuned), then runs ``astrea eval`` and prints per pre-alignment stage: held-out L_reg
+with true and permuted images, the image gain per target token, and the image gain per *target* (nats
+per whole target text, summed over its tokens), which does not depend on how the text is cut into
+tokens. A last table gives each setting's mean and spread over the seeds.
 
-Settings (comma-separated ``--settings``):
-  fitted     the default stages (4 pre-alignment + main), fitted BPE tokenizer (the default)
-  bytes      the same with the byte tokenizer (``llm.tokenizer: bytes``)
+A setting is ``demo`` or ``demo`` plus changes joined by ``+`` (comma-separated ``--settings``):
+  experts    detection / segmentation targets from the random-weight Grounding-DINO / SAM2 predictions
+             (``astrea demo --targets experts``; before this setting existed, the only targets)
+  steps100   100 steps per stage (the demo's count before it moved to 300)
   prealign   the 4 pre-alignment stages only: no main stage after them
-  demo       what ``astrea demo`` trains: the main stage instruction-tuned on ``--instructions``
+  bytes      the byte tokenizer instead of the fitted BPE
 
 Eval scores each pre-alignment stage's own visual path with the *final* LLM; when the main stage trains
-the LLM after them (fitted, bytes, demo) that is the LLM the main stage left, which is what ``prealign``
-isolates.
+the LLM after them that is the LLM the main stage left, which is what ``prealign`` isolates.
 
     astrea demo --out demo_out            # once, for its store (or any store of the sample)
-    .venv/bin/python benchmarks/image_gain.py --store demo_out/store --settings prealign,demo \
-        --instructions demo_out/sample/instructions.json --seeds 0,1,2
+    .venv/bin/python benchmarks/image_gain.py --store demo_out/store \
+        --instructions demo_out/sample/instructions.json --settings demo,demo+experts --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -30,24 +31,27 @@ import tempfile
 import time
 from pathlib import Path
 
-DEMO = {"steps": 100, "batch_size": 4, "llm.freeze": False, "optim.lr": 1e-3, "dataset.heldout_fraction": 0.25,
-        "save_every": 0, "llm.text_warmup_steps": 400, "llm.text_warmup_epochs": 20.0, "dataset.max_objects": 8,
-        "progress": False}
 PRE_ALIGNMENT = ["caption", "classification", "detection", "segmentation"]
+CHANGES = {
+    "experts": {"target_sources": {}},
+    "steps100": {"steps": 100},
+    "prealign": {"stages": PRE_ALIGNMENT, "instructions.files": [], "instructions.with_targets": False},
+    "bytes": {"llm.tokenizer": "bytes"},
+}
 
 
-def overrides(setting: str, instructions: str | None) -> dict:
-    if setting == "fitted":
-        return {"llm.tokenizer": "fitted"}
-    if setting == "bytes":
-        return {"llm.tokenizer": "bytes"}
-    if setting == "prealign":
-        return {"stages": PRE_ALIGNMENT}
-    if setting == "demo":
-        if not instructions:
-            raise SystemExit("setting 'demo' needs --instructions (the sample's instructions.json)")
-        return {"instructions.files": [instructions], "instructions.with_targets": True}
-    raise SystemExit(f"unknown setting {setting!r}; choose from fitted, bytes, prealign, demo")
+def overrides(setting: str, instructions: str) -> dict:
+    from astrea.demo import DemoConfig
+
+    base, *changes = setting.split("+")
+    if base != "demo":
+        raise SystemExit(f"setting {setting!r}: start with 'demo' (then +{' +'.join(CHANGES)})")
+    out = {**DemoConfig().train_overrides(instructions), "progress": False}
+    for c in changes:
+        if c not in CHANGES:
+            raise SystemExit(f"setting {setting!r}: unknown change {c!r}; choose from {', '.join(CHANGES)}")
+        out.update(CHANGES[c])
+    return out
 
 
 def one(store: str, data: str, extra: dict, out: Path, seed: int) -> dict:
@@ -56,7 +60,7 @@ def one(store: str, data: str, extra: dict, out: Path, seed: int) -> dict:
     from astrea.train.eval import EvalConfig, evaluate
 
     t = time.monotonic()
-    train_run(TrainConfig.load(None, {**DEMO, **extra, "store": store, "data": data, "out": str(out), "seed": seed}))
+    train_run(TrainConfig.load(None, {**extra, "store": store, "data": data, "out": str(out), "seed": seed}))
     e = evaluate(EvalConfig(run=str(out)))
     rows = {}
     h, hp = e["heldout"], e["heldout_permuted"]
@@ -71,8 +75,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True)
     ap.add_argument("--data", default="sample")
-    ap.add_argument("--settings", default="fitted,bytes")
-    ap.add_argument("--instructions", default=None, help="instructions.json for the 'demo' setting")
+    ap.add_argument("--settings", default="demo,demo+experts")
+    ap.add_argument("--instructions", required=True, help="the sample's instructions.json (demo_out/sample/)")
     ap.add_argument("--seeds", default="0")
     a = ap.parse_args()
     settings, seeds = a.settings.split(","), [int(s) for s in a.seeds.split(",")]

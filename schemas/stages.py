@@ -23,6 +23,9 @@ from astrea.registry import UnknownNameError
 # train: every pre-alignment stage no earlier stage trained, at once (Tab. 6); extract: every default expert
 ALL = "all"
 MAIN = "main"  # the MoE / MoCo main stage (a plug-in stage of the trainer), after the pre-alignment stages
+# ``target_sources.<task>: dataset``: the task's labels come from the dataset's own annotations (the
+# store rows' ``labels``: COCO's boxes and masks, the sample's drawn objects), not from an expert
+DATASET = "dataset"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,15 @@ def reads_outputs(task: str) -> bool:
     return stage_of_task(task).target_source is not None
 
 
+def target_expert(task: str, sources: dict[str, str]) -> str | None:
+    """The store expert whose outputs hold ``task``'s labels under ``sources`` (``target_sources``);
+    None when no expert does: the caption, or a task read from the dataset's annotations."""
+    if not reads_outputs(task):
+        return None
+    src = sources[task]
+    return None if src == DATASET else src
+
+
 def expand(stages: Iterable[str]) -> list[str]:
     """The pre-alignment stages of a stage order, in that order: ``all`` stands for every one of them,
     other stages (``main``, plug-ins) are left out, a repeat is kept once."""
@@ -116,7 +128,7 @@ def expert_prerequisites(expert: str) -> tuple[str, ...]:
 
 
 __all__ = [
-    "ALL", "EXPERT_ORDER", "MAIN", "PRE_ALIGNMENT", "PRE_ALIGNMENT_STAGES", "STAGE_OF_EXPERT", "TASKS", "StageDef",
+    "ALL", "DATASET", "EXPERT_ORDER", "MAIN", "PRE_ALIGNMENT", "PRE_ALIGNMENT_STAGES", "STAGE_OF_EXPERT", "TASKS", "StageDef",
     "default_stage_experts", "default_stages", "default_target_sources", "expand", "expert_prerequisites",
-    "is_pre_alignment", "reads_outputs", "stage", "stage_of_task",
+    "is_pre_alignment", "reads_outputs", "stage", "stage_of_task", "target_expert",
 ]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from astrea.demo import DemoConfig, run
+
+
+def test_demo_targets_choice_is_checked_and_reaches_the_run():
+    with pytest.raises(ValueError, match="targets='gt'.*dataset, experts"):
+        DemoConfig(targets="gt").validate()
+    assert DemoConfig().train_overrides("i.json")["target_sources"] == {"boxes": "dataset", "masks": "dataset"}
+    assert DemoConfig(targets="experts").train_overrides("i.json")["target_sources"] == {}
 
 
 def test_demo_smallest(tmp_path):
@@ -22,6 +31,7 @@ def test_demo_smallest(tmp_path):
     assert "## Does the model use the image?" in text and "L_reg, permuted images" in text
     assert "| caption |" in text.split("## Does the model use the image?")[1]
     assert "text only, no images" in text
+    assert "targets\nfrom the sample's annotations (`--targets dataset`)" in text
     # the paper's order ends with the instruction-tuned main stage answering a question about an image
     gen = text.split("## Instruction tuning and `astrea generate`")[1].split("\n## ")[0]
     assert "astrea generate" in gen and "| question | answer generated | answer drawn |" in gen

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, reads_outputs
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, target_expert
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import IGNORE, AstreaModel
@@ -112,7 +112,7 @@ class MainStage(Stage):
 
     def required_experts(self) -> list[str]:
         need = list(self.experts)
-        need += [self.ctx.cfg.target_sources[t] for t in self.main_cfg.tasks if reads_outputs(t)]
+        need += [e for t in self.main_cfg.tasks if (e := target_expert(t, self.ctx.cfg.target_sources))]
         return list(dict.fromkeys(need))
 
     # -- model --------------------------------------------------------------------------------------

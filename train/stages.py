@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from astrea.registry import Registry
-from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS, expand, reads_outputs, stage
+from astrea.schemas.stages import ALL, MAIN, PRE_ALIGNMENT_STAGES, TASKS, expand, stage, target_expert
 from astrea.train.config import TrainConfig
 from astrea.train.errors import TrainError
 from astrea.train.model import AstreaModel
@@ -221,7 +221,7 @@ class AlignStage(Stage):
 
     def required_experts(self) -> list[str]:
         need = list(self._experts) + self.context_experts
-        need += [self.ctx.cfg.target_sources[t] for t in self._tasks if reads_outputs(t)]
+        need += [e for t in self._tasks if (e := target_expert(t, self.ctx.cfg.target_sources))]
         return list(dict.fromkeys(need))
 
     def trainable_modules(self, model: AstreaModel) -> list[nn.Module]:

@@ -3,7 +3,9 @@
 - caption: the dataset's caption (unit parquet ``caption``);
 - tags: ram_plus ``outputs["tags"]`` (already sorted by score);
 - boxes: grounding_dino ``outputs["boxes"]`` (normalised x1,y1,x2,y2) + ``labels``;
-- masks: sam2 ``outputs["masks"]`` (COCO RLE), each decoded and reduced to a short code.
+- masks: sam2 ``outputs["masks"]`` (COCO RLE), each decoded and reduced to a short code;
+- or, for tags / boxes / masks with ``target_sources.<task>: dataset``, the dataset's own annotations
+  (:func:`dataset_outputs`: COCO's boxes and masks, the sample's drawn objects), same text.
 
 Two text formats (``dataset.target_format``):
 
@@ -36,9 +38,9 @@ from typing import Any
 import numpy as np
 
 # The stored masks' codec (one, shared with the sam2 expert that writes them), under the names the
-# targets' callers use (encode_rle is re-exported for them: train/worlds.py, tests, benchmarks).
+# targets' callers use (encode_rle also for train/worlds.py, tests, benchmarks).
 from astrea.schemas.mask_rle import decode as decode_rle
-from astrea.schemas.mask_rle import encode as encode_rle  # noqa: F401
+from astrea.schemas.mask_rle import encode as encode_rle
 
 NONE = "none"
 TARGET_FORMATS = ("compact", "decimal")
@@ -139,6 +141,67 @@ def masks_items(outputs: dict[str, Any], opts: TargetOptions, stats: TargetStats
         if len(parts) == opts.max_objects:
             break
     return parts
+
+
+def dataset_outputs(labels: Any, task: str, stats: TargetStats) -> dict[str, Any] | None:
+    """The dataset's own annotations (a store row's ``labels``) as the ``outputs`` an expert would have
+    stored for ``task`` (``target_sources.<task>: dataset``); None when the row has none for the task
+    (its line is left out, as for a missing caption, and counted).
+
+    Layouts read: astrea's sample and webdataset ``labels`` (``tags``, ``classes``, ``boxes``
+    normalised x1,y1,x2,y2, ``masks`` as ``{"rle", "label"}``) and the COCO reader's (``classes``,
+    ``boxes``, ``masks`` as each annotation's ``segmentation``: pixel polygons or RLE, with the image's
+    ``width`` / ``height``). Objects keep the dataset's order.
+    """
+    lab = labels if isinstance(labels, dict) else {}
+    classes = lab.get("classes") if isinstance(lab.get("classes"), list) else []
+    if task == "tags":
+        tags = lab.get("tags") or classes
+        if not isinstance(tags, list) or not tags:
+            return _no_labels(stats, task, "tags or classes")
+        return {"tags": list(dict.fromkeys(t for t in tags if isinstance(t, str)))}
+    if task == "boxes":
+        boxes = lab.get("boxes")
+        if not isinstance(boxes, list):
+            return _no_labels(stats, task, "boxes")
+        names = [classes[i] if i < len(classes) else None for i in range(len(boxes))]
+        return {"boxes": [b if b is not None else [] for b in boxes], "labels": names}
+    masks = lab.get("masks")
+    if not isinstance(masks, list):
+        return _no_labels(stats, task, "masks")
+    out = []
+    for i, m in enumerate(masks):
+        label = m.get("label") if isinstance(m, dict) and "rle" in m else (classes[i] if i < len(classes) else None)
+        rle = _dataset_rle(m, lab.get("height"), lab.get("width"))
+        if rle is None:
+            stats.drop("masks: dataset segmentation neither RLE nor polygons with the image size")
+            continue
+        out.append({"rle": rle, "label": label})
+    return {"masks": out}
+
+
+def _no_labels(stats: TargetStats, task: str, what: str) -> None:
+    stats.drop(f"{task}: row without dataset {what} (line left out)")
+    return None
+
+
+def _dataset_rle(m: Any, height: Any, width: Any) -> dict[str, Any] | None:
+    """One dataset mask as COCO RLE: ``{"rle": ...}`` (astrea), an RLE dict, or pixel polygons."""
+    if isinstance(m, dict) and isinstance(m.get("rle"), dict):
+        return m["rle"]
+    if isinstance(m, dict) and "counts" in m and "size" in m:
+        return m
+    if not isinstance(m, list) or not all(isinstance(v, int | float) and v > 0 for v in (height, width)):
+        return None
+    from PIL import Image, ImageDraw
+
+    h, w = int(height), int(width)
+    img = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(img)
+    for poly in m:
+        if isinstance(poly, list) and len(poly) >= 6 and all(isinstance(v, int | float) for v in poly):
+            draw.polygon([(float(poly[j]), float(poly[j + 1])) for j in range(0, len(poly) - 1, 2)], fill=1)
+    return encode_rle(np.asarray(img) > 0)
 
 
 # -- compact codes and their decoding ---------------------------------------------------------------

@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from astrea.schemas.stages import PRE_ALIGNMENT, TASKS, reads_outputs
+from astrea.schemas.stages import PRE_ALIGNMENT, TASKS, reads_outputs, target_expert
 from astrea.train.targets import (
     NONE,
     TargetOptions,
     TargetStats,
     boxes_items,
     caption_text,
+    dataset_outputs,
     masks_items,
     tags_items,
 )
@@ -99,7 +100,8 @@ def render(
 ) -> Rendered | None:
     """Prompt + cumulative target for ``tasks`` (in stage order); None when nothing can be said.
 
-    ``sources`` maps task -> store expert whose ``outputs`` hold its labels (tags -> ram_plus, ...).
+    ``sources`` maps task -> store expert whose ``outputs`` hold its labels (tags -> ram_plus, ...), or
+    ``dataset`` for the row's own annotations (a row without them has no line for that task).
     A missing caption drops the caption line (unlabelled data still trains the other tasks).
     """
     lines, words = [], []
@@ -124,12 +126,17 @@ def _task_items(
     if not reads_outputs(task):  # the caption: the dataset's own text
         c = caption_text(sample.get("caption"))
         return None if c is None else [c]
-    expert = sources[task]
-    rec = sample.get("experts", {}).get(expert)
-    outputs = rec.get("outputs") if isinstance(rec, dict) else None
-    if not isinstance(outputs, dict):
-        stats.drop(f"{task}: no outputs from {expert}")
-        return None
+    expert = target_expert(task, sources)
+    if expert is None:  # target_sources.<task>: dataset
+        outputs = dataset_outputs(sample.get("labels"), task, stats)
+        if outputs is None:
+            return None
+    else:
+        rec = sample.get("experts", {}).get(expert)
+        outputs = rec.get("outputs") if isinstance(rec, dict) else None
+        if not isinstance(outputs, dict):
+            stats.drop(f"{task}: no outputs from {expert}")
+            return None
     if task == "tags":
         return tags_items(outputs, opts, stats)
     if task == "boxes":

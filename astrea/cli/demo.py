@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
                  "(0: a purely random LLM, which learns no image dependence).")] = _D.text_warmup_steps,
         freeze_llm: Annotated[bool, typer.Option("--freeze-llm", help="Keep the (warmed-up) LLM frozen in every stage (default: it trains with the stages).")] = _D.freeze_llm,
         lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters on a frozen LLM instead of the whole LLM.")] = _D.lora,
+        targets: Annotated[str, typer.Option(
+            help="Where the detection and segmentation targets come from: 'dataset' (the sample's own boxes "
+                 "and masks) or 'experts' (the random-weight Grounding-DINO / SAM2 predictions, noise-like).")] = _D.targets,
         fmt: Annotated[str, typer.Option("--format", help="Store format: zarr or wds.")] = _D.format,
         address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster to run on (default: a local one).")] = None,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars (logs only).")] = False,
@@ -41,5 +44,6 @@ def register(app: typer.Typer) -> None:
         from astrea.demo import run
 
         run(DemoConfig(out=out, images=images, shards=shards, steps=steps, batch_size=batch_size, grid=grid,
-                       text_warmup_steps=text_warmup_steps, freeze_llm=freeze_llm, lora=lora, format=fmt, address=address,
+                       text_warmup_steps=text_warmup_steps, freeze_llm=freeze_llm, lora=lora, targets=targets, format=fmt,
+                       address=address,
                        progress=not no_progress))

@@ -7,6 +7,7 @@ it, so a few optimizer steps visibly lower the held-out loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,10 @@ def make_store(
     fmt: str = "zarr",
     seed: int = 0,
     fail_every: int = 0,
+    labels: Callable[[int], dict | None] | None = None,
 ) -> Path:
-    """Write ``units`` x ``per_unit`` images for each expert; ``fail_every`` > 0 records failures."""
+    """Write ``units`` x ``per_unit`` images for each expert; ``fail_every`` > 0 records failures;
+    ``labels(i)``: image i's dataset annotations (the rows' ``labels``)."""
     from astrea.shards import Store
 
     store = Store(root)
@@ -81,6 +84,6 @@ def make_store(
                     w.add_failure(key(i), "undecodable: test", caption=caption(i))
                     continue
                 t, p, out = record(i, name, DIMS[name])
-                w.add(key(i), t, p, out, caption=caption(i))
+                w.add(key(i), t, p, out, caption=caption(i), labels=labels(i) if labels else None)
             w.commit()
     return root
