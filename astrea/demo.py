@@ -50,7 +50,7 @@ class DemoConfig:
     freeze_llm: bool = False
     lora: bool = False  # LoRA adapters instead of the whole LLM (needs freeze_llm=True to mean anything)
     lr: float = 1e-3
-    heldout_fraction: float = 0.25  # of 120 images: ~30 held out, scored with true and permuted images
+    heldout_fraction: float = 0.25  # by a hash of the key: 49 of the 160 images, scored with true and permuted images
     # Where the detection and segmentation targets come from. "dataset": the sample's own annotations
     # (each drawn shape's box and mask; photos have none and train caption + tags only); "experts": the
     # random-weight Grounding-DINO and SAM2 predictions in the store, deterministic functions of the image
