@@ -334,8 +334,8 @@ TARGETS_NOTE = {
     "dataset": ("The detection and segmentation targets are the sample's own annotations (each drawn shape's box and "
                 "mask; `--targets dataset`); the experts' features feed those stages, and the tags are RAM++'s."),
     "experts": ("The detection and segmentation targets are the random-weight Grounding-DINO and SAM2 predictions "
-                "(`--targets experts`): deterministic functions of the image, but noise-like, which ~120 images "
-                "cannot teach much of."),
+                "(`--targets experts`): deterministic functions of the image, but long and noise-like, which "
+                "dilutes their image gain per token (docs/train.md, \"The demo\")."),
 }
 
 
@@ -373,13 +373,18 @@ def _image_use(metrics: dict[str, Any], targets: str = "dataset") -> tuple[str, 
                       "benchmarks/image_gain.py measured for detection and segmentation (docs/train.md, \"The "
                       "demo\"); `--targets dataset` (the default) trains them on the sample's annotations."
                       if targets == "experts" else
-                      "Each stage is scored with the final LLM, which the main stage trained after it, and ~30 "
-                      "held-out images make the gain vary from seed to seed (docs/train.md, \"The demo\"); more "
-                      "images (`--images`) and steps (`--steps`) help."))
+                      "Each stage is scored with the final LLM, which the main stage trained after it, and "
+                      f"{_heldout_images(h)} held-out images make the gain vary from seed to seed (docs/train.md, "
+                      "\"The demo\"); more images (`--images`) and steps (`--steps`) help."))
     else:
         verdict = ("**Not every pre-alignment stage uses the image on this run** (a gain of 0 or less); more images "
                    "(`--images`) and steps (`--steps`) help.")
     return "\n".join(rows + ["", verdict]), ok
+
+
+def _heldout_images(heldout: dict[str, Any]) -> str:
+    n = [v for v in (heldout.get("samples") or {}).values() if isinstance(v, int)]
+    return str(max(n)) if n else "the"
 
 
 def _training_summary(tsummary: dict[str, Any], metrics: dict[str, Any]) -> str:

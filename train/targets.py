@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 # The stored masks' codec (one, shared with the sam2 expert that writes them), under the names the
-# targets' callers use (encode_rle also for train/worlds.py, tests, benchmarks).
+# targets' callers use (encode_rle is re-exported for them: train/worlds.py, tests, benchmarks).
 from astrea.schemas.mask_rle import decode as decode_rle
-from astrea.schemas.mask_rle import encode as encode_rle
+from astrea.schemas.mask_rle import encode as encode_rle  # noqa: F401
 
 NONE = "none"
 TARGET_FORMATS = ("compact", "decimal")
@@ -121,14 +121,17 @@ def masks_items(outputs: dict[str, Any], opts: TargetOptions, stats: TargetStats
         return []
     parts = []
     for m in masks:
-        if not isinstance(m, dict) or not isinstance(m.get("rle"), dict):
+        if isinstance(m, dict) and isinstance(m.get("mask"), np.ndarray):  # dataset polygons, rasterised
+            mask = m["mask"]
+        elif not isinstance(m, dict) or not isinstance(m.get("rle"), dict):
             stats.drop("masks: entry without 'rle'")
             continue
-        try:
-            mask = decode_rle(m["rle"])
-        except ValueError:
-            stats.drop("masks: undecodable RLE")
-            continue
+        else:
+            try:
+                mask = decode_rle(m["rle"])
+            except ValueError:
+                stats.drop("masks: undecodable RLE")
+                continue
         if not mask.any():
             stats.drop("masks: empty mask")
             continue
@@ -172,11 +175,11 @@ def dataset_outputs(labels: Any, task: str, stats: TargetStats) -> dict[str, Any
     out = []
     for i, m in enumerate(masks):
         label = m.get("label") if isinstance(m, dict) and "rle" in m else (classes[i] if i < len(classes) else None)
-        rle = _dataset_rle(m, lab.get("height"), lab.get("width"))
-        if rle is None:
+        entry = _dataset_mask(m, lab.get("height"), lab.get("width"))
+        if entry is None:
             stats.drop("masks: dataset segmentation neither RLE nor polygons with the image size")
             continue
-        out.append({"rle": rle, "label": label})
+        out.append({**entry, "label": label})
     return {"masks": out}
 
 
@@ -185,23 +188,21 @@ def _no_labels(stats: TargetStats, task: str, what: str) -> None:
     return None
 
 
-def _dataset_rle(m: Any, height: Any, width: Any) -> dict[str, Any] | None:
-    """One dataset mask as COCO RLE: ``{"rle": ...}`` (astrea), an RLE dict, or pixel polygons."""
+def _dataset_mask(m: Any, height: Any, width: Any) -> dict[str, Any] | None:
+    """One dataset mask as ``{"rle": ...}`` (astrea's layout, or a COCO RLE dict) or, for COCO pixel
+    polygons, ``{"mask": bool array}``, rasterised once here rather than encoded and decoded again."""
     if isinstance(m, dict) and isinstance(m.get("rle"), dict):
-        return m["rle"]
+        return {"rle": m["rle"]}
     if isinstance(m, dict) and "counts" in m and "size" in m:
-        return m
+        return {"rle": m}
     if not isinstance(m, list) or not all(isinstance(v, int | float) and v > 0 for v in (height, width)):
         return None
-    from PIL import Image, ImageDraw
-
     h, w = int(height), int(width)
-    img = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(img)
+    mask = np.zeros((h, w), dtype=bool)
     for poly in m:
         if isinstance(poly, list) and len(poly) >= 6 and all(isinstance(v, int | float) for v in poly):
-            draw.polygon([(float(poly[j]), float(poly[j + 1])) for j in range(0, len(poly) - 1, 2)], fill=1)
-    return encode_rle(np.asarray(img) > 0)
+            mask |= _raster_polygon([(poly[j] / w, poly[j + 1] / h) for j in range(0, len(poly) - 1, 2)], (h, w))
+    return {"mask": mask}
 
 
 # -- compact codes and their decoding ---------------------------------------------------------------
@@ -213,8 +214,10 @@ def mask_code(mask: np.ndarray, grid: int = 4) -> str:
     """``[x1,y1,x2,y2] CODE`` of a non-empty bool mask [h, w]: its tight box (0..99 bins), then the
     ``grid x grid`` occupancy of that box as hex words, one per row (see the module docstring)."""
     h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    y1, y2, x1, x2 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    # the tight box from the rows and columns that hold any pixel: ~10x cheaper than np.nonzero on a
+    # full-resolution mask, and this runs for every mask of every target rendered
+    ys, xs = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y1, y2, x1, x2 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
     box = [quantise(x1 / w), quantise(y1 / h), quantise(x2 / w), quantise(y2 / h)]
     cells = _occupancy(mask[y1:y2, x1:x2], grid)
     return "[" + ",".join(str(q) for q in box) + "] " + _cells_hex(cells)
